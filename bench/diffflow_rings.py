@@ -392,41 +392,46 @@ def run_compare(args, previous: Optional[dict] = None, save=None) -> dict[str, A
 # ----------------------------------------------------------------------------- report
 
 
+def timing_markdown(t: dict) -> list[str]:
+    lines: list[str] = []
+    m0, m1 = t["machine_start"], t["machine_end"]
+    lines += [f"## Stochastic adjoint: cost ({t.get('mode', '')})", "",
+              f"{m0['cpu']}, {m0['cores']} cores, **{m0['threads']} thread(s)**, torch {m0['torch']}; "
+              f"load average {m0['load_average'][0]:.2f} at start, {m1['load_average'][0]:.2f} at end "
+              "(other engineers' jobs share the cores: timings are inflated by their load).", "",
+              f"DiffFlow, two MLPs, {t['step_adjoint_b1000']['params']:,} parameters "
+              f"(official: {REFERENCE['params']:,}), N = 30, T = 0.05, g = 0.2, Adam.", "",
+              "Wall time is what a user waits; with one thread, the process's CPU time per step is "
+              "close to the wall time on an idle core (it leaves out the time other processes held "
+              "the core).", "",
+              "| per optimiser step | flowkit wall, median (min) | flowkit CPU time | official (wall) |",
+              "|---|---|---|---|"]
+    for key, ref in (("step_adjoint_b1000", "ms_per_step_adjoint_b1000"),
+                     ("step_naive_b1000", "ms_per_step_naive_b1000"),
+                     ("step_adjoint_b5000", "ms_per_step_adjoint_b5000")):
+        if key in t:
+            lines.append(f"| {key.replace('step_', '').replace('_b', ', batch ')} | "
+                         f"{t[key]['median_ms']:.0f} ms ({t[key]['min_ms']:.0f}) | "
+                         f"{t[key]['cpu_median_ms']:.0f} ms | {REFERENCE[ref]} ms |")
+    lines += ["", f"Adjoint vs backprop gradients, max relative difference: "
+                  f"{t['grad_rel_diff_f32']:.1e} (float32; official 2e-5), {t['grad_rel_diff_f64']:.1e} (float64).", "",
+              f"Peak memory of one step at batch {t['memory']['batch']}: rise of the peak RSS over the "
+              "built model in a fresh process [whole-process peak] (peak of tensors held for backward):", "",
+              "| N | adjoint | naive | official adjoint | official naive |", "|---|---|---|---|---|"]
+    for n in ("10", "30", "100"):
+        a, b = t["memory"]["adjoint"][n], t["memory"]["naive"][n]
+        lines.append(f"| {n} | {a['peak_rss_mb']:.0f} MB [{a['process_peak_mb']:.0f}] ({a['saved_peak_mb']:.0f}) | "
+                     f"{b['peak_rss_mb']:.0f} MB [{b['process_peak_mb']:.0f}] ({b['saved_peak_mb']:.0f}) | "
+                     f"{REFERENCE['peak_mb_b5000']['adjoint'][int(n)]} MB | "
+                     f"{REFERENCE['peak_mb_b5000']['naive'][int(n)]} MB |")
+    lines.append("")
+    return lines
+
+
 def markdown(results: dict) -> str:
     lines = ["# DiffFlow benchmark (bench/diffflow_rings.py)", ""]
-    t = results.get("timing")
-    if t:
-        m0, m1 = t["machine_start"], t["machine_end"]
-        lines += [f"## Stochastic adjoint: cost ({t.get('mode', '')})", "",
-                  f"{m0['cpu']}, {m0['cores']} cores, **{m0['threads']} thread(s)**, torch {m0['torch']}; "
-                  f"load average {m0['load_average'][0]:.2f} at start, {m1['load_average'][0]:.2f} at end "
-                  "(other engineers' jobs share the cores: timings are inflated by their load).", "",
-                  f"DiffFlow, two MLPs, {t['step_adjoint_b1000']['params']:,} parameters "
-                  f"(official: {REFERENCE['params']:,}), N = 30, T = 0.05, g = 0.2, Adam.", "",
-                  "Wall time is what a user waits; with one thread, the process's CPU time per step is "
-                  "close to the wall time on an idle core (it leaves out the time other processes held "
-                  "the core).", "",
-                  "| per optimiser step | flowkit wall, median (min) | flowkit CPU time | official (wall) |",
-                  "|---|---|---|---|"]
-        for key, ref in (("step_adjoint_b1000", "ms_per_step_adjoint_b1000"),
-                         ("step_naive_b1000", "ms_per_step_naive_b1000"),
-                         ("step_adjoint_b5000", "ms_per_step_adjoint_b5000")):
-            if key in t:
-                lines.append(f"| {key.replace('step_', '').replace('_b', ', batch ')} | "
-                             f"{t[key]['median_ms']:.0f} ms ({t[key]['min_ms']:.0f}) | "
-                             f"{t[key]['cpu_median_ms']:.0f} ms | {REFERENCE[ref]} ms |")
-        lines += ["", f"Adjoint vs backprop gradients, max relative difference: "
-                      f"{t['grad_rel_diff_f32']:.1e} (float32; official 2e-5), {t['grad_rel_diff_f64']:.1e} (float64).", "",
-                  f"Peak memory of one step at batch {t['memory']['batch']}: rise of the peak RSS over the "
-                  "built model in a fresh process [whole-process peak] (peak of tensors held for backward):", "",
-                  "| N | adjoint | naive | official adjoint | official naive |", "|---|---|---|---|---|"]
-        for n in ("10", "30", "100"):
-            a, b = t["memory"]["adjoint"][n], t["memory"]["naive"][n]
-            lines.append(f"| {n} | {a['peak_rss_mb']:.0f} MB [{a['process_peak_mb']:.0f}] ({a['saved_peak_mb']:.0f}) | "
-                         f"{b['peak_rss_mb']:.0f} MB [{b['process_peak_mb']:.0f}] ({b['saved_peak_mb']:.0f}) | "
-                         f"{REFERENCE['peak_mb_b5000']['adjoint'][int(n)]} MB | "
-                         f"{REFERENCE['peak_mb_b5000']['naive'][int(n)]} MB |")
-        lines.append("")
+    for key in sorted(k for k in results if k.startswith("timing")):
+        lines += timing_markdown(results[key])
     c = results.get("compare")
     if c:
         m0 = c["machine_start"]
@@ -494,7 +499,8 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     mode = "quick" if q else "full"
     if args.part in ("all", "timing"):
-        results["timing"] = {"mode": mode, **run_timing(args)}
+        key = "timing" if args.threads == 1 else f"timing_threads{args.threads}"
+        results[key] = {"mode": mode, **run_timing(args)}
         path.write_text(json.dumps(results, indent=2))
     if args.part in ("all", "compare"):
         def save(partial: dict) -> None:
