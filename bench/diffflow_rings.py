@@ -3,14 +3,20 @@ score matching (vs CFM when registered) at equal parameters and equal wall-clock
 
 Two parts:
 
-* ``timing`` — DiffFlow with two sinusoidal-time MLPs of 98k parameters each (196.6k in all,
-  the size of the official 2-D model's two Fourier-feature MLPs, 199k), N = 30, T = 0.05,
-  g = 0.2, Adam: milliseconds per optimiser step with the stochastic adjoint and with naive
-  backprop at batch 1,000 (and the adjoint at 5,000); relative gradient difference
-  adjoint vs backprop (float32); peak memory at batch 5,000 for N = 10, 30, 100, measured
-  in a fresh process per configuration as the rise of the peak resident set size over the
-  process after building the model and batch (whole process in brackets), and as the peak bytes of
-  tensors held for backward (``saved_tensors_hooks``, parameters excluded).
+* ``timing`` — DiffFlow with the official 2-D networks: two ``fourier_mlp`` fields (learned
+  Fourier time embedding, 128 channels, 3 hidden layers, GELU; 199,428 parameters in all, the
+  official 199k), N = 30, T = 0.05, g = 0.2, Adam: milliseconds per optimiser step with the
+  stochastic adjoint and with naive backprop at batch 1,000 (and the adjoint at 5,000), and
+  an in-run plain-PyTorch baseline of the same algorithm computed the way the official
+  code's forward step is (naive backprop through the unrolled loop; each step evaluates the
+  drift at ``x_i`` and drift and score at ``x_{i+1}``, one scalar time per step);
+  relative gradient difference adjoint vs backprop (float32, float64); peak memory at batch
+  5,000 for N = 10, 30, 100, measured in a fresh process per configuration as the rise of
+  the peak resident set size over the process after building the model and batch (whole
+  process in brackets), and as the peak bytes of tensors held for backward
+  (``saved_tensors_hooks``, parameters excluded). Timed with flowkit's training default
+  ``train.tune_allocator`` (``flowkit/allocator.py``) unless ``--default-allocator``; the
+  plain baseline runs in the same process, so it gets the same allocator.
 * ``compare`` — the recipes in ``recipes/compare_rings/`` (same data, ~89k parameters each)
   on ``olympic_rings`` and ``sierpinski``, each trained for ``--steps`` optimiser steps or
   ``--budget`` seconds, whichever comes first (DiffFlow's milestones scaled to ``--steps``
@@ -54,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flowkit  # noqa: E402
+from flowkit.allocator import tune_cpu_allocator  # noqa: E402
 from flowkit.config import EvalConfig  # noqa: E402
 from flowkit.metrics import energy_distance  # noqa: E402
 
@@ -65,7 +72,7 @@ REFERENCE = {
 }
 TIMING_RECIPE = {
     "data": {"name": "olympic_rings"},
-    "dynamics": {"name": "mlp", "hidden": [216, 216, 216], "activation": "silu", "time_features": 16},
+    "dynamics": {"name": "fourier_mlp", "channels": 128, "layers": 3, "activation": "gelu"},
     "objective": {"name": "diffflow", "end_time": 0.05, "g": 0.2, "steps": [30], "beta": 0.9, "grid": "random"},
 }
 METHODS = ("diffflow", "ffjord", "score_matching", "cfm")
@@ -117,6 +124,41 @@ def step_time(gradient: str, batch: int, n: int, repeats: int) -> dict[str, floa
     return {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
             "cpu_median_ms": 1000 * statistics.median(cpu), "repeats": repeats,
             "params": sum(p.numel() for p in obj.parameters())}
+
+
+def plain_step_time(batch: int, n: int, repeats: int) -> dict[str, float]:
+    """The in-run baseline: DiffFlow's eq. 15 by naive backprop through a plain loop, computed
+    the way the official code's forward step does it — each step evaluates the drift at
+    ``x_i`` (forward move) and drift and score at ``x_{i+1}`` (backward residual), with one
+    scalar time per step. Same networks, data, grid, g and optimiser as the flowkit rows."""
+    built, obj = build_timing(n, "naive")
+    drift, score = obj.drift, obj.score
+    opt = torch.optim.Adam([*drift.parameters(), *score.parameters()], 1e-2)
+    cfg = TIMING_RECIPE["objective"]
+    end, g, beta = cfg["end_time"], cfg["g"], cfg["beta"]
+    gen = torch.Generator().manual_seed(0)
+    times, cpu = [], []
+    for k in range(repeats + 2):
+        x, _ = built.dataset.train_batch(batch, gen)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        grid = end * (torch.arange(n + 1) / n) ** beta
+        loss = torch.zeros(batch)
+        for i in range(n):
+            dt = grid[i + 1] - grid[i]
+            x_next = x + drift(grid[i], x) * dt + g * dt.sqrt() * torch.randn_like(x)
+            back = drift(grid[i + 1], x_next) - g * g * score(grid[i + 1], x_next)
+            delta = (x - x_next + back * dt) / (g * dt.sqrt())
+            loss = loss + 0.5 * delta.pow(2).sum(1)
+            x = x_next
+        loss = (loss - obj.prior.log_prob(x)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if k >= 2:
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    return {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
+            "cpu_median_ms": 1000 * statistics.median(cpu), "repeats": repeats}
 
 
 def gradient_difference(batch: int, n: int, dtype: torch.dtype) -> float:
@@ -209,9 +251,12 @@ def run_timing(args) -> dict[str, Any]:
     quick = args.quick
     repeats = 3 if quick else 10
     res: dict[str, Any] = {"machine_start": machine(args.threads)}
+    res["allocator_tuned"] = not args.default_allocator
     for mode in ("adjoint", "naive"):
         res[f"step_{mode}_b1000"] = step_time(mode, 1000, 30, repeats)
         print(f"step {mode} batch 1000 N=30: {res[f'step_{mode}_b1000']}", flush=True)
+    res["step_plain_b1000"] = plain_step_time(1000, 30, repeats)
+    print(f"step plain-PyTorch naive batch 1000 N=30: {res['step_plain_b1000']}", flush=True)
     if not quick:
         res["step_adjoint_b5000"] = step_time("adjoint", 5000, 30, 3)
         print(f"step adjoint batch 5000 N=30: {res['step_adjoint_b5000']}", flush=True)
@@ -224,7 +269,7 @@ def run_timing(args) -> dict[str, Any]:
     for mode in ("adjoint", "naive"):
         for n in (10, 30, 100):
             cmd = [sys.executable, __file__, "--memory-probe", mode, str(n), str(batch),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), *(["--default-allocator"] if args.default_allocator else [])]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             memory[mode][n] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"memory {mode} N={n} batch {batch}: {memory[mode][n]}", flush=True)
@@ -395,24 +440,32 @@ def run_compare(args, previous: Optional[dict] = None, save=None) -> dict[str, A
 def timing_markdown(t: dict) -> list[str]:
     lines: list[str] = []
     m0, m1 = t["machine_start"], t["machine_end"]
-    lines += [f"## Stochastic adjoint: cost ({t.get('mode', '')})", "",
-              f"{m0['cpu']}, {m0['cores']} cores, **{m0['threads']} thread(s)**, torch {m0['torch']}; "
-              f"load average {m0['load_average'][0]:.2f} at start, {m1['load_average'][0]:.2f} at end "
-              "(other engineers' jobs share the cores: timings are inflated by their load).", "",
-              f"DiffFlow, two MLPs, {t['step_adjoint_b1000']['params']:,} parameters "
-              f"(official: {REFERENCE['params']:,}), N = 30, T = 0.05, g = 0.2, Adam.", "",
-              "Wall time is what a user waits; with one thread, the process's CPU time per step is "
-              "close to the wall time on an idle core (it leaves out the time other processes held "
-              "the core).", "",
-              "| per optimiser step | flowkit wall, median (min) | flowkit CPU time | official (wall) |",
-              "|---|---|---|---|"]
+    allocator = ("glibc malloc thresholds tuned as flowkit's trainer does (`train.tune_allocator`)"
+                 if t.get("allocator_tuned") else "default glibc malloc settings")
+    lines += [f"## Stochastic adjoint: cost ({t.get('mode', '')}, {m0['threads']} thread(s))", "",
+              f"{m0['cpu']}, {m0['cores']} cores, **{m0['threads']} thread(s)**, torch {m0['torch']}, {allocator}; "
+              f"load average {m0['load_average'][0]:.2f} at start, {m1['load_average'][0]:.2f} at end.", "",
+              f"DiffFlow with the official 2-D networks (two `fourier_mlp`, 128 channels, 3 layers, GELU): "
+              f"{t['step_adjoint_b1000']['params']:,} parameters (official: {REFERENCE['params']:,}), "
+              "N = 30, T = 0.05, g = 0.2, Adam. *plain* is the in-run plain-PyTorch baseline written like "
+              "the official code's forward step (naive backprop; drift at x_i, drift and score at x_{i+1}).", "",
+              "| per optimiser step | flowkit wall, median (min) | process CPU time | official (wall, issue) | "
+              "official / flowkit |",
+              "|---|---|---|---|---|"]
     for key, ref in (("step_adjoint_b1000", "ms_per_step_adjoint_b1000"),
                      ("step_naive_b1000", "ms_per_step_naive_b1000"),
+                     ("step_plain_b1000", "ms_per_step_naive_b1000"),
                      ("step_adjoint_b5000", "ms_per_step_adjoint_b5000")):
         if key in t:
-            lines.append(f"| {key.replace('step_', '').replace('_b', ', batch ')} | "
-                         f"{t[key]['median_ms']:.0f} ms ({t[key]['min_ms']:.0f}) | "
-                         f"{t[key]['cpu_median_ms']:.0f} ms | {REFERENCE[ref]} ms |")
+            name = key.replace("step_", "").replace("_b", ", batch ")
+            name = name.replace("plain,", "plain PyTorch (naive),")
+            lines.append(f"| {name} | {t[key]['median_ms']:.0f} ms ({t[key]['min_ms']:.0f}) | "
+                         f"{t[key]['cpu_median_ms']:.0f} ms | {REFERENCE[ref]} ms | "
+                         f"{REFERENCE[ref] / t[key]['median_ms']:.2f}× |")
+    if "step_plain_b1000" in t:
+        lines += ["", f"Target: adjoint ≤ {REFERENCE['ms_per_step_naive_b1000']} ms (the official naive step). "
+                      f"flowkit adjoint / in-run plain naive: "
+                      f"{t['step_adjoint_b1000']['median_ms'] / t['step_plain_b1000']['median_ms']:.2f}×."]
     lines += ["", f"Adjoint vs backprop gradients, max relative difference: "
                   f"{t['grad_rel_diff_f32']:.1e} (float32; official 2e-5), {t['grad_rel_diff_f64']:.1e} (float64).", "",
               f"Peak memory of one step at batch {t['memory']['batch']}: rise of the peak RSS over the "
@@ -477,12 +530,16 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="timing: leave glibc's malloc thresholds alone (flowkit's trainer tunes them)")
     parser.add_argument("--merge", action="store_true",
                         help="compare: keep the previous rows of methods not run now")
     parser.add_argument("--tag", default="", help="compare: suffix of the rows' names (e.g. @long)")
     parser.add_argument("--memory-probe", nargs=3, metavar=("GRADIENT", "N", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.default_allocator:
+        tune_cpu_allocator()
     if args.memory_probe:
         mode, n, batch = args.memory_probe
         print(json.dumps(memory_probe(mode, int(n), int(batch))))
@@ -499,7 +556,8 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     mode = "quick" if q else "full"
     if args.part in ("all", "timing"):
-        key = "timing" if args.threads == 1 else f"timing_threads{args.threads}"
+        key = ("timing" if args.threads == 1 else f"timing_threads{args.threads}") + \
+            ("_default_allocator" if args.default_allocator else "")
         results[key] = {"mode": mode, **run_timing(args)}
         path.write_text(json.dumps(results, indent=2))
     if args.part in ("all", "compare"):

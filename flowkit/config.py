@@ -25,6 +25,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     threads: int = 0
+    tune_allocator: bool = True
     cpu: bool = False
     log_every: int = 10
     eval_every: int = 0

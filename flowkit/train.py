@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .allocator import tune_cpu_allocator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_recipe
 from .recipe import Built, apply_overrides, build, validate
 
@@ -73,6 +74,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.tune_allocator:
+            tune_cpu_allocator()
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
             cpu=cfg.cpu, log_with=cfg.trackers or None, project_dir=str(self.run_dir))
