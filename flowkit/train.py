@@ -45,7 +45,15 @@ class TrainResult:
 
 
 def _optimizer(cfg, params):
+    """Adam/AdamW, fused (one kernel over all parameters) where torch supports it for these
+    parameters: on CPU that is ~20% of a small model's step (bench/flow_matching.py)."""
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    params = list(params)
+    if params and all(p.is_floating_point() for p in params):
+        try:
+            return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        except (RuntimeError, ValueError, TypeError):  # a device or dtype without a fused kernel
+            pass
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
