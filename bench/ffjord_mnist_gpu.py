@@ -370,20 +370,13 @@ def bench_bf16_accuracy(args, device) -> dict:
 
 
 def bench_toy(args, device, compile_: str) -> dict:
-    """``compile_``: "" (eager), "default" (the objective's ``compile: true``) or
-    "reduce-overhead" (the same, with the compiled field put in CUDA graphs: the bench fills
-    the objective's compile cache itself, to measure what that option would give)."""
-    overrides = ["objective.compile=true"] if compile_ else []
+    """``compile_``: "" (eager), or the objective's ``compile`` mode ("default",
+    "reduce-overhead": the compiled field replayed as CUDA graphs)."""
+    overrides = [f"objective.compile={compile_}"] if compile_ else []
     recipe = flowkit.load_recipe(ROOT / "recipes/ffjord_8gaussians.yaml", overrides)
     torch.manual_seed(0)
     built = flowkit.build(recipe)
     model = built.objective.to(device).train()
-    if compile_ == "reduce-overhead":
-        from flowkit.objectives import ffjord
-
-        for block in model.blocks:
-            ffjord._COMPILED[block.field] = torch.compile(block.field.forward_with_jacobian,
-                                                          mode="reduce-overhead", dynamic=False)
     opt = torch.optim.Adam(model.parameters(), lr=built.train.lr)
     gen = torch.Generator().manual_seed(0)
     times, nfes = [], []

@@ -276,22 +276,23 @@ def interior_point_assignment(
             rhs = b - d_scaled.T @ a
             dv = torch.cholesky_solve(rhs[:, None].to(factor.dtype), factor).squeeze(1).to(x.dtype)
             du = (a - d @ dv) / d_row
-            torch.add(du[:, None], dv[None, :], out=ds).neg_()
+            torch.sub(du.neg()[:, None], dv[None, :], out=ds)
             return du, dv
 
         # affine-scaling predictor: G = −X, so a = 1 − X1 + X1 = 1 and b = 1
         ones = torch.ones_like(row_sum)
         direction(ones, ones)
-        torch.mul(d, ds, out=dx).add_(x).neg_()
+        torch.addcmul(x, d, ds, out=dx).neg_()
         a_p, a_d = _step_to_boundary(x, dx, tmp), _step_to_boundary(s, ds, tmp)
         torch.add(x, dx, alpha=a_p, out=tmp)
         torch.add(s, ds, alpha=a_d, out=g)
         mu_aff = float(torch.dot(tmp.view(-1), g.view(-1))) / (n * n)
         sigma = (mu_aff / mu) ** 3
         # Mehrotra corrector: G = (σμ − ΔX_aff ∘ ΔS_aff) / S − X
-        torch.mul(dx, ds, out=g).neg_().add_(sigma * mu).div_(s).sub_(x)
+        torch.mul(dx, ds, out=tmp).sub_(sigma * mu)
+        torch.addcdiv(x, tmp, s, out=g).neg_()
         du, dv = direction(1.0 - row_sum - g.sum(1), 1.0 - col_sum - g.sum(0))
-        torch.mul(d, ds, out=dx).neg_().add_(g)
+        torch.addcmul(g, d, ds, value=-1.0, out=dx)
         a_p, a_d = 0.995 * _step_to_boundary(x, dx, tmp), 0.995 * _step_to_boundary(s, ds, tmp)
         x.add_(dx, alpha=a_p)
         s.add_(ds, alpha=a_d)

@@ -35,26 +35,39 @@ from .base import DynamicsFactory, LossOutput, Objective, drop_condition
 __all__ = ["FFJORD", "TimeScaledField"]
 
 
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+CompileMode = Literal[False, True, "default", "reduce-overhead", "max-autotune"]
 
 
-def _compiled_jacobian(field: nn.Module):
-    """``torch.compile`` of ``field.forward_with_jacobian``, cached per module (kept out of
+def _compile_mode(compile: CompileMode) -> Optional[str]:
+    """The ``torch.compile`` mode of the objective's ``compile`` option (None: eager)."""
+    if compile is False or compile is None or compile == "none":
+        return None
+    if compile is True:
+        return "default"
+    if compile not in ("default", "reduce-overhead", "max-autotune"):
+        raise ValueError(f"compile must be false, true, default, reduce-overhead or max-autotune, got {compile!r}")
+    return compile
+
+
+def _compiled(field: nn.Module, method: str, mode: str):
+    """``torch.compile(field.<method>, mode=mode)``, cached per module and method (kept out of
     the module itself so that copies — the EMA — and checkpoints are unaffected)."""
-    fn = _COMPILED.get(field)
-    if fn is None:
-        fn = torch.compile(field.forward_with_jacobian, dynamic=False)
-        _COMPILED[field] = fn
-    return fn
+    cache = _COMPILED.setdefault(field, {})
+    key = (method, mode)
+    if key not in cache:
+        cache[key] = torch.compile(getattr(field, method), mode=mode, dynamic=False)
+    return cache[key]
 
 
 class TimeScaledField(nn.Module):
     """``T · f(T s, x)`` on ``s ∈ [0, 1]`` with ``T = exp(log_T)`` (learnable or fixed)."""
 
-    def __init__(self, field: nn.Module, end_time: float, learn: bool, compile: bool = False) -> None:
+    def __init__(self, field: nn.Module, end_time: float, learn: bool, compile: CompileMode = False) -> None:
         super().__init__()
         self.field = field
-        self.compile = compile
+        self.compile_mode = _compile_mode(compile)
         log_t = torch.tensor(math.log(end_time))
         if learn:
             self.log_end_time = nn.Parameter(log_t)
@@ -77,8 +90,8 @@ class TimeScaledField(nn.Module):
         inner = getattr(self.field, "forward_with_jacobian", None)
         if inner is None:
             return None
-        if self.compile and self.training:
-            inner = _compiled_jacobian(self.field)
+        if self.compile_mode and self.training:
+            inner = _compiled(self.field, "forward_with_jacobian", self.compile_mode)
         scale = self.end_time.to(x.dtype)
         out = inner(s * scale, x, cond)
         return None if out is None else (scale * out[0], scale * out[1])
@@ -87,6 +100,8 @@ class TimeScaledField(nn.Module):
         inner = getattr(self.field, "forward_with_jvp", None)
         if inner is None:
             return None
+        if self.compile_mode and self.training:
+            inner = _compiled(self.field, "forward_with_jvp", self.compile_mode)
         scale = self.end_time.to(x.dtype)
         out = inner(s * scale, x, v, cond)
         return None if out is None else (scale * out[0], scale * out[1])
@@ -114,9 +129,13 @@ class FFJORD(Objective):
         kinetic: RNODE weight of the kinetic energy ``∫‖f‖² dt``.
         jacobian: RNODE weight of the Jacobian norm ``∫‖∂f/∂z‖²_F dt``.
         cond_dropout: probability of dropping the condition (classifier-free guidance).
-        compile: ``torch.compile`` the field's forward-mode Jacobian for training (exact
-            trace with a ``concatsquash`` network): a one-off compilation of ~30 s, then
-            about half the time per function evaluation on CPU for the toy model.
+        compile: ``torch.compile`` the field's forward-mode divergence for training — the
+            Jacobian (exact trace, ``concatsquash``) or the Jacobian–vector product
+            (Hutchinson, ``concat_conv``). ``true``/``default``: inductor kernels (a one-off
+            compilation of ~30 s, then about half the time per function evaluation on CPU
+            for the toy model); ``reduce-overhead``: the same, replayed as CUDA graphs on
+            a GPU (launch-bound models; equal to ``default`` on CPU); ``max-autotune``:
+            with kernel autotuning. Fields without a forward-mode method run eagerly.
         multiscale: FFJORD's multiscale image CNF (appendix D): ``blocks`` networks per
             scale, squeeze and factor-out expressed as blocks that move only their scale's
             coordinates (:func:`flowkit.dynamics.conv.multiscale_fields`).
@@ -130,13 +149,14 @@ class FFJORD(Objective):
                  method: Literal["dopri5", "bosh3", "adaptive_heun", "euler", "midpoint", "heun", "rk4"] = "dopri5",
                  rtol: float = 1e-5, atol: float = 1e-5, steps: Optional[int] = None,
                  per_sample_norm: bool = False, adjoint: bool = False, kinetic: float = 0.0,
-                 jacobian: float = 0.0, cond_dropout: float = 0.0, compile: bool = False,
+                 jacobian: float = 0.0, cond_dropout: float = 0.0, compile: CompileMode = False,
                  multiscale: bool = False, n_scales: Optional[int] = None) -> None:
         super().__init__(shape)
         if blocks < 1:
             raise ValueError("blocks must be >= 1")
         if end_time <= 0:
             raise ValueError("end_time must be positive")
+        _compile_mode(compile)  # a wrong mode fails here, not at the first step
         if method in FIXED_STEP and not steps:
             raise ValueError(f"fixed-step method {method!r} needs steps")
         if multiscale:
