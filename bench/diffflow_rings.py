@@ -106,27 +106,23 @@ def build_timing(n: int, gradient: str, dtype: torch.dtype = torch.float32):
     return built, built.objective.to(dtype)
 
 
-def step_time(gradient: str, batch: int, n: int, repeats: int) -> dict[str, float]:
+def flowkit_stepper(gradient: str, batch: int, n: int):
+    """One optimiser step of flowkit's ``diffflow`` objective per call."""
     built, obj = build_timing(n, gradient)
     opt = torch.optim.Adam(obj.parameters(), 1e-2)
     gen = torch.Generator().manual_seed(0)
-    times, cpu = [], []
-    for k in range(repeats + 2):
+
+    def step() -> None:
         x, _ = built.dataset.train_batch(batch, gen)
-        start, start_cpu = time.perf_counter(), time.process_time()
         out = obj.loss(x)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        if k >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
-    return {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
-            "cpu_median_ms": 1000 * statistics.median(cpu), "repeats": repeats,
-            "params": sum(p.numel() for p in obj.parameters())}
+
+    return step, sum(p.numel() for p in obj.parameters())
 
 
-def plain_step_time(batch: int, n: int, repeats: int) -> dict[str, float]:
+def plain_stepper(batch: int, n: int):
     """The in-run baseline: DiffFlow's eq. 15 by naive backprop through a plain loop, computed
     the way the official code's forward step does it — each step evaluates the drift at
     ``x_i`` (forward move) and drift and score at ``x_{i+1}`` (backward residual), with one
@@ -137,10 +133,9 @@ def plain_step_time(batch: int, n: int, repeats: int) -> dict[str, float]:
     cfg = TIMING_RECIPE["objective"]
     end, g, beta = cfg["end_time"], cfg["g"], cfg["beta"]
     gen = torch.Generator().manual_seed(0)
-    times, cpu = [], []
-    for k in range(repeats + 2):
+
+    def step() -> None:
         x, _ = built.dataset.train_batch(batch, gen)
-        start, start_cpu = time.perf_counter(), time.process_time()
         grid = end * (torch.arange(n + 1) / n) ** beta
         loss = torch.zeros(batch)
         for i in range(n):
@@ -154,11 +149,28 @@ def plain_step_time(batch: int, n: int, repeats: int) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if k >= 2:
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
-    return {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
-            "cpu_median_ms": 1000 * statistics.median(cpu), "repeats": repeats}
+
+    return step, sum(p.numel() for p in obj.parameters())
+
+
+def interleaved_step_times(steppers: dict, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
+    """ms per step of each variant, the variants taking turns for ``rounds`` rounds of
+    ``per_round`` steps (two warm-up steps each first), so that a drift in the machine's speed
+    hits all of them alike; medians over all timed steps."""
+    wall: dict[str, list[float]] = {k: [] for k in steppers}
+    cpu: dict[str, list[float]] = {k: [] for k in steppers}
+    for step, _ in steppers.values():
+        step(), step()
+    for _ in range(rounds):
+        for name, (step, _) in steppers.items():
+            for _ in range(per_round):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                step()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return {name: {"median_ms": 1000 * statistics.median(wall[name]), "min_ms": 1000 * min(wall[name]),
+                   "cpu_median_ms": 1000 * statistics.median(cpu[name]), "repeats": len(wall[name]),
+                   "params": steppers[name][1]} for name in steppers}
 
 
 def gradient_difference(batch: int, n: int, dtype: torch.dtype) -> float:
@@ -249,16 +261,17 @@ class _Held:
 
 def run_timing(args) -> dict[str, Any]:
     quick = args.quick
-    repeats = 3 if quick else 10
     res: dict[str, Any] = {"machine_start": machine(args.threads)}
     res["allocator_tuned"] = not args.default_allocator
-    for mode in ("adjoint", "naive"):
-        res[f"step_{mode}_b1000"] = step_time(mode, 1000, 30, repeats)
-        print(f"step {mode} batch 1000 N=30: {res[f'step_{mode}_b1000']}", flush=True)
-    res["step_plain_b1000"] = plain_step_time(1000, 30, repeats)
-    print(f"step plain-PyTorch naive batch 1000 N=30: {res['step_plain_b1000']}", flush=True)
+    rounds, per_round = (2, 2) if quick else (5, 3)
+    timed = interleaved_step_times({"step_adjoint_b1000": flowkit_stepper("adjoint", 1000, 30),
+                                    "step_naive_b1000": flowkit_stepper("naive", 1000, 30),
+                                    "step_plain_b1000": plain_stepper(1000, 30)}, rounds, per_round)
+    res.update(timed, interleaving={"rounds": rounds, "steps_per_round": per_round})
+    print(f"batch 1000 N=30, interleaved: {timed}", flush=True)
     if not quick:
-        res["step_adjoint_b5000"] = step_time("adjoint", 5000, 30, 3)
+        res["step_adjoint_b5000"] = interleaved_step_times(
+            {"adjoint": flowkit_stepper("adjoint", 5000, 30)}, 1, 3)["adjoint"]
         print(f"step adjoint batch 5000 N=30: {res['step_adjoint_b5000']}", flush=True)
     res["grad_rel_diff_f32"] = gradient_difference(1000, 30, torch.float32)
     res["grad_rel_diff_f64"] = gradient_difference(200, 30, torch.float64)
@@ -462,6 +475,10 @@ def timing_markdown(t: dict) -> list[str]:
             lines.append(f"| {name} | {t[key]['median_ms']:.0f} ms ({t[key]['min_ms']:.0f}) | "
                          f"{t[key]['cpu_median_ms']:.0f} ms | {REFERENCE[ref]} ms | "
                          f"{REFERENCE[ref] / t[key]['median_ms']:.2f}× |")
+    if "interleaving" in t:
+        lines += ["", f"The three batch-1,000 variants took turns ({t['interleaving']['rounds']} rounds of "
+                      f"{t['interleaving']['steps_per_round']} steps each, medians): this machine's speed drifts "
+                      "by tens of percent over minutes, so only in-run ratios are comparable between rows."]
     if "step_plain_b1000" in t:
         lines += ["", f"Target: adjoint ≤ {REFERENCE['ms_per_step_naive_b1000']} ms (the official naive step). "
                       f"flowkit adjoint / in-run plain naive: "
