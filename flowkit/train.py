@@ -113,8 +113,9 @@ class Trainer:
         self._autocast = cfg.mixed_precision != "no"
         # Plain single-process fp32/bf16 training: step the wrapped optimiser directly
         # (accelerate's wrapper probes installed packages on every step).
-        self._step_optimizer = (self.optimizer.optimizer if not self._accumulate and cfg.mixed_precision != "fp16"
-                                else self.optimizer)
+        plain = not self._accumulate and cfg.mixed_precision != "fp16"  # no DDP, no loss scaling
+        self._step_optimizer = self.optimizer.optimizer if plain else self.optimizer
+        self._backward = (lambda loss: loss.backward()) if plain else acc.backward
         self.unwrapped = acc.unwrap_model(self.model)
 
     # ----------------------------------------------------------------- state
@@ -201,7 +202,7 @@ class Trainer:
                         raise TrainingDiverged(
                             f"loss became {loss_value} at step {self.step + 1}; training stopped and "
                             f"{kept}. Lower train.lr, add train.grad_clip, or tighten the solver.")
-                    acc.backward(loss)
+                    self._backward(loss)
                     if out.after_backward is not None:
                         metrics.update(out.after_backward())
                     if acc.sync_gradients and cfg.grad_clip > 0:
