@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 import flowkit  # noqa: E402
 from flowkit.allocator import tune_cpu_allocator  # noqa: E402
+from flowkit.profiling import SavedTensorBytes  # noqa: E402
 from flowkit.config import EvalConfig  # noqa: E402
 from flowkit.metrics import energy_distance  # noqa: E402
 
@@ -210,53 +211,11 @@ def memory_probe(gradient: str, n: int, batch: int) -> dict[str, float]:
     peak = _proc_kb("VmHWM")
     obj.zero_grad(set_to_none=True)
     del out
-    counter = _SavedBytes(list(obj.parameters()))
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+    with SavedTensorBytes(obj.parameters()) as counter:
         out = obj.loss(x)
         out.loss.backward()
     return {"peak_rss_mb": (peak - base) / 1024, "process_peak_mb": peak / 1024,
             "saved_peak_mb": counter.peak / 2**20}
-
-
-class _SavedBytes:
-    """Peak bytes of distinct storages held for backward (parameters excluded)."""
-
-    def __init__(self, exclude) -> None:
-        self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
-        self.live: dict[int, list[int]] = {}
-        self.total = self.peak = 0
-
-    def pack(self, t):
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
-        if ptr in self.exclude or st.nbytes() == 0:
-            return t
-        if ptr in self.live:
-            self.live[ptr][0] += 1
-        else:
-            self.live[ptr] = [1, st.nbytes()]
-            self.total += st.nbytes()
-            self.peak = max(self.peak, self.total)
-        return _Held(t, ptr, self)
-
-    @staticmethod
-    def unpack(held):
-        return held if isinstance(held, torch.Tensor) else held.tensor
-
-    def release(self, ptr: int) -> None:
-        entry = self.live[ptr]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.total -= entry[1]
-            del self.live[ptr]
-
-
-class _Held:
-    def __init__(self, tensor, ptr, owner) -> None:
-        self.tensor, self.ptr, self.owner = tensor, ptr, owner
-
-    def __del__(self) -> None:
-        self.owner.release(self.ptr)
 
 
 def run_timing(args) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from flowkit.components import OBJECTIVES, SAMPLERS
 from flowkit.dynamics.mlp import MLP
 from flowkit.flow import Flow, StandardNormal
 from flowkit.objectives.diffflow import DiffFlow, power_grid, randomised_grid
+from flowkit.profiling import SavedTensorBytes
 from flowkit.samplers.sde import euler_maruyama
 
 F64 = torch.float64
@@ -105,53 +106,10 @@ def test_objective_loss_backward_works_for_both_modes():
         assert out.metrics["steps"] == 4 and out.metrics["nfe"] == 9
 
 
-class SavedBytes:
-    """Peak bytes of distinct tensor storages held for backward (parameters excluded),
-    via ``torch.autograd.graph.saved_tensors_hooks``: what a graph keeps alive."""
-
-    def __init__(self, exclude) -> None:
-        self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
-        self.live: dict[int, list[int]] = {}
-        self.total = self.peak = 0
-
-    def pack(self, t: Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr in self.exclude or storage.nbytes() == 0:
-            return t
-        if ptr in self.live:
-            self.live[ptr][0] += 1
-        else:
-            self.live[ptr] = [1, storage.nbytes()]
-            self.total += storage.nbytes()
-            self.peak = max(self.peak, self.total)
-        return _Held(t, ptr, self)
-
-    @staticmethod
-    def unpack(held):
-        return held if isinstance(held, Tensor) else held.tensor
-
-    def release(self, ptr: int) -> None:
-        entry = self.live[ptr]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.total -= entry[1]
-            del self.live[ptr]
-
-
-class _Held:
-    def __init__(self, tensor: Tensor, ptr: int, owner: SavedBytes) -> None:
-        self.tensor, self.ptr, self.owner = tensor, ptr, owner
-
-    def __del__(self) -> None:
-        self.owner.release(self.ptr)
-
-
 def saved_peak(mode: str, n: int, batch: int = 128) -> tuple[int, int]:
     torch.manual_seed(0)
     obj = make(hidden=(32, 32), steps=[n], gradient=mode)
-    counter = SavedBytes(list(obj.parameters()))
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+    with SavedTensorBytes(obj.parameters()) as counter:
         out = obj.loss(torch.randn(batch, 2))
         out.loss.backward()
     assert counter.total == 0  # everything released after backward
