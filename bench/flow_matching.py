@@ -84,18 +84,29 @@ def bare_flowkit_loop(method: str, steps: int, seed: int) -> dict:
     obj = built.objective
     opt = torch.optim.Adam(obj.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
-    windows, start = [], time.perf_counter()
-    for step in range(1, steps + 1):
+
+    def step() -> torch.Tensor:
         x, _ = built.dataset.train_batch(256, gen)
         loss = obj(x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % WINDOW == 0:
+        return loss
+
+    return {"ms_per_step": timed_steps(step, steps)[0]}
+
+
+def timed_steps(step, steps: int) -> tuple[float, torch.Tensor]:
+    """Run ``step()`` ``steps`` times: the median ms per step over windows of ``WINDOW`` steps
+    (the first two windows dropped when there are more), and the last step's loss."""
+    windows, start = [], time.perf_counter()
+    for k in range(1, steps + 1):
+        loss = step()
+        if k % WINDOW == 0:
             now = time.perf_counter()
             windows.append(1000.0 * (now - start) / WINDOW)
             start = now
-    return {"ms_per_step": statistics.median(windows[2:] or windows)}
+    return statistics.median(windows[2:] or windows), loss
 
 
 # ------------------------------------------------------------------------------- peer
@@ -157,8 +168,8 @@ def train_peer(method: str, steps: int, seed: int, fused: bool = False) -> tuple
     pairing, label = peer_pairing(method)
     data = flowkit.data.get_dataset("8gaussians")
     gen = torch.Generator().manual_seed(seed)
-    windows, start = [], time.perf_counter()
-    for step in range(1, steps + 1):
+
+    def step() -> torch.Tensor:
         x1, _ = data.train_batch(256, gen)
         x0 = torch.randn_like(x1)
         t, xt, ut = pairing(x0, x1)
@@ -166,17 +177,16 @@ def train_peer(method: str, steps: int, seed: int, fused: bool = False) -> tuple
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % WINDOW == 0:
-            now = time.perf_counter()
-            windows.append(1000.0 * (now - start) / WINDOW)
-            start = now
+        return loss
+
+    ms_per_step, loss = timed_steps(step, steps)
 
     def velocity(t, x, cond=None):  # flowkit time: data at 0, so v(t, x) = −u(1 − t, x)
         tt = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
         return -net(torch.cat([x, 1 - tt], -1))
 
     return Flow(velocity=velocity, prior=StandardNormal((2,))), {
-        "ms_per_step": statistics.median(windows[2:] or windows), "final_loss": float(loss.detach()), "peer": label}
+        "ms_per_step": ms_per_step, "final_loss": float(loss.detach()), "peer": label}
 
 
 def time_ot(method: str, seed: int, repeats: int = 30) -> dict:
