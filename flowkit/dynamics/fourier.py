@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..components import DYNAMICS
-from .base import ConditionEmbedding, activation
+from .base import ConditionEmbedding
+from .base import activation as make_activation
 
 __all__ = ["FourierMLP"]
 
@@ -56,11 +57,11 @@ class FourierMLP(nn.Module):
         self.dim = dim
         self.register_buffer("frequencies", torch.linspace(0.1, max_frequency, channels))
         self.phase = nn.Parameter(torch.randn(channels))
-        self.time_embed = nn.Sequential(nn.Linear(2 * channels, channels), _act(activation),
+        self.time_embed = nn.Sequential(nn.Linear(2 * channels, channels), make_activation(activation),
                                         nn.Linear(channels, channels))
         self.input = nn.Linear(dim, channels)
         self.cond = ConditionEmbedding(num_classes, cond_dim, channels)
-        self.act = _act(activation)
+        self.act = make_activation(activation)
         self.hidden = nn.ModuleList(nn.Linear(channels, channels) for _ in range(layers))
         self.output = nn.Linear(channels, dim)
 
@@ -72,13 +73,11 @@ class FourierMLP(nn.Module):
     def forward(self, t: Tensor | float, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         flat = x.flatten(1)
         t = torch.as_tensor(t, dtype=flat.dtype, device=flat.device)
-        if t.numel() == 1:  # one time for the batch: the embedding is a bias
-            bias = self.input.bias + self.embed_time(t)  # [1, C]
-        else:
-            if t.numel() != flat.shape[0]:
-                raise ValueError(f"t must be a scalar or have one entry per sample ({flat.shape[0]}), "
-                                 f"got shape {list(t.shape)}")
-            bias = self.input.bias + self.embed_time(t)  # [B, C]
+        if t.numel() not in (1, flat.shape[0]):
+            raise ValueError(f"t must be a scalar or have one entry per sample ({flat.shape[0]}), "
+                             f"got shape {list(t.shape)}")
+        # [1, C] for one time (the embedding is a bias of the whole batch), else [B, C]
+        bias = self.input.bias + self.embed_time(t)
         h = torch.addmm(bias, flat, self.input.weight.t())
         emb = self.cond(cond, flat.shape[0], flat)
         if emb is not None:
@@ -87,7 +86,3 @@ class FourierMLP(nn.Module):
         for layer in self.hidden:
             h = self.act(layer(h))
         return self.output(h).reshape(x.shape)
-
-
-def _act(name: str) -> nn.Module:
-    return activation(name)

@@ -42,7 +42,7 @@ CompileMode = Literal[False, True, "default", "reduce-overhead", "max-autotune"]
 
 def _compile_mode(compile: CompileMode) -> Optional[str]:
     """The ``torch.compile`` mode of the objective's ``compile`` option (None: eager)."""
-    if compile is False or compile is None or compile == "none":
+    if not compile:
         return None
     if compile is True:
         return "default"
@@ -64,7 +64,8 @@ def _compiled(field: nn.Module, method: str, mode: str):
 class TimeScaledField(nn.Module):
     """``T · f(T s, x)`` on ``s ∈ [0, 1]`` with ``T = exp(log_T)`` (learnable or fixed)."""
 
-    def __init__(self, field: nn.Module, end_time: float, learn: bool, compile: CompileMode = False) -> None:
+    def __init__(self, field: nn.Module, end_time: float, learn: bool,
+                 compile: Optional[CompileMode] = False) -> None:
         super().__init__()
         self.field = field
         self.compile_mode = _compile_mode(compile)
@@ -156,7 +157,7 @@ class FFJORD(Objective):
             raise ValueError("blocks must be >= 1")
         if end_time <= 0:
             raise ValueError("end_time must be positive")
-        _compile_mode(compile)  # a wrong mode fails here, not at the first step
+        compile_mode = _compile_mode(compile)  # a wrong mode fails here, before anything is built
         if method in FIXED_STEP and not steps:
             raise ValueError(f"fixed-step method {method!r} needs steps")
         if multiscale:
@@ -165,7 +166,7 @@ class FFJORD(Objective):
             nets = multiscale_fields(dynamics, self.shape, blocks, n_scales)
         else:
             nets = [dynamics() for _ in range(blocks)]
-        self.blocks = nn.ModuleList(TimeScaledField(n, end_time, learn_end_time, compile) for n in nets)
+        self.blocks = nn.ModuleList(TimeScaledField(n, end_time, learn_end_time, compile_mode) for n in nets)
         self.divergence, self.noise = divergence, noise
         self.solver = dict(method=method, rtol=rtol, atol=atol, steps=steps, per_sample_norm=per_sample_norm)
         self.adjoint = adjoint
