@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -229,6 +230,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"flowkit {args.command}: interrupted; the last checkpoint is intact (use --resume)",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `flowkit list | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at interpreter exit
+        return 0
 
 
 if __name__ == "__main__":

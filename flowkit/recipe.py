@@ -135,12 +135,17 @@ def component_arguments(obj: Callable) -> inspect.Signature:
     return inspect.signature(obj)
 
 
+def _yaml_scalar(value: Any) -> str:
+    """A choice as a recipe writes it (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _check_value(path: str, value: Any, hint: Any) -> Optional[str]:
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         choices = typing.get_args(hint)
         if value not in choices:
-            shown = ", ".join(map(str, choices))
+            shown = ", ".join(_yaml_scalar(c) for c in choices)
             return f"{path}: {value!r} is not one of: {shown}{did_you_mean(str(value), [str(c) for c in choices])}"
     if hint in (int,) and (not isinstance(value, int) or isinstance(value, bool)):
         return f"{path}: expected an integer, got {value!r}"

@@ -24,6 +24,7 @@ def test_wrong_compile_mode_names_the_key_and_the_choices():
         flowkit.build(_recipe("fast"))
     text = str(err.value)
     assert "objective.compile" in text and "reduce-overhead" in text and "max-autotune" in text
+    assert "false, true, default" in text  # choices as a recipe writes them
 
 
 @needs_compiler

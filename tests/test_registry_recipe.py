@@ -137,3 +137,14 @@ def test_cli_list_names_every_component(capsys):
         for name in registry.names():
             if not name.startswith("test_"):
                 assert f" {name} " in out
+
+
+def test_cli_list_into_a_closed_pipe_has_no_traceback():
+    """`flowkit list | head -1`: the reader leaves early; the CLI stops quietly."""
+    proc = subprocess.Popen([sys.executable, "-m", "flowkit", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.readline()
+    proc.stdout.close()  # like `head -1` exiting
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 0
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
