@@ -190,26 +190,28 @@ def train_peer(method: str, steps: int, seed: int, fused: bool = False) -> tuple
 
 
 def time_ot(method: str, seed: int, repeats: int = 30) -> dict:
-    """Pairing cost alone for one batch of 256: flowkit's coupling vs the peer's."""
+    """Pairing cost alone for one batch of 256: flowkit's coupling (the solver ``auto`` picks,
+    and the pure-torch one for reference) vs the peer's."""
     if method != "otcfm":
         return {}
-    from flowkit.couplings import ExactOT
+    from flowkit.couplings import ExactOT, compiled_auction_available
 
     data = flowkit.data.get_dataset("8gaussians")
     gen = torch.Generator().manual_seed(seed)
     pairing, _ = peer_pairing(method)
-    coupling = ExactOT()
-    ours, theirs = [], []
+    coupling, torch_only = ExactOT(), ExactOT(method="ipm")
+    ours, torch_ours, theirs = [], [], []
     for _ in range(repeats):
         x, _ = data.train_batch(256, gen)
         z = torch.randn(256, 2, generator=gen)
-        start = time.perf_counter()
-        coupling(x, z)
-        ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        pairing(z, x)
-        theirs.append(time.perf_counter() - start)
-    return {"flowkit_ot_ms": 1000 * statistics.median(ours), "peer_pairing_ms": 1000 * statistics.median(theirs)}
+        for fn, times in ((lambda: coupling(x, z), ours), (lambda: torch_only(x, z), torch_ours),
+                          (lambda: pairing(z, x), theirs)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return {"flowkit_ot_ms": 1000 * statistics.median(ours), "flowkit_torch_ot_ms": 1000 * statistics.median(torch_ours),
+            "peer_pairing_ms": 1000 * statistics.median(theirs),
+            "flowkit_ot_solver": "compiled auction (C)" if compiled_auction_available() else "interior point + auction (torch)"}
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -309,6 +311,17 @@ def main() -> None:
     print(report(meta, rows))
 
 
+SPEED_TARGET = {"icfm": 1.05, "otcfm": 0.5}  # flowkit/peer ms per step, from issue 4
+
+
+def quality_verdict(row: dict, key: str, seeds: int) -> str:
+    """flowkit vs peer on one lower-is-better metric: better / equal (within 2 SE) / worse."""
+    ours, theirs = row[f"flowkit_{key}"], row[f"peer_{key}"]
+    se = ((row[f"flowkit_{key}_sd"] ** 2 + row[f"peer_{key}_sd"] ** 2) / max(seeds, 1)) ** 0.5
+    word = "equal" if abs(ours - theirs) <= 2 * se else ("better" if ours < theirs else "worse")
+    return f"{word} ({ours:.4g} vs {theirs:.4g}, difference {ours - theirs:+.2g} ± {se:.2g})"
+
+
 def report(meta: dict, rows: list[dict]) -> str:
     lines = [f"# Flow-matching benchmark ({meta['date']})", "",
              f"{meta['machine']}, {meta['cores']} cores, {meta['threads']} thread(s), torch {meta['torch']}, "
@@ -334,14 +347,28 @@ def report(meta: dict, rows: list[dict]) -> str:
               "Where flowkit's time goes (ms/step, medians of "
               f"{rows[0]['timing_rounds']} interleaved rounds; ratio to the peer in brackets):", "",
               "| method | timing steps | peer | peer with fused Adam | flowkit trainer (to peer; to fused peer) | "
-              "cfm objective in a bare loop, default Adam | flowkit OT / batch | peer pairing / batch |",
-              "|---|---|---|---|---|---|---|---|"]
+              "cfm objective in a bare loop, default Adam | flowkit OT / batch | flowkit torch-only OT / batch "
+              "| peer pairing / batch |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ot = (f"{r['flowkit_ot_ms']:.2f} ms | {r['peer_pairing_ms']:.2f} ms" if "flowkit_ot_ms" in r else "– | –")
+        ot = (f"{r['flowkit_ot_ms']:.2f} ms ({r['flowkit_ot_solver']}) | {r['flowkit_torch_ot_ms']:.2f} ms | "
+              f"{r['peer_pairing_ms']:.2f} ms" if "flowkit_ot_ms" in r else "– | – | –")
         lines.append(f"| {r['method']} | {r['timing_steps']} | {r['peer_ms_per_step']:.2f} | "
                      f"{r['peer_fused_adam_ms_per_step']:.2f} | "
                      f"{r['flowkit_ms_per_step']:.2f} ({r['ratio_ms']:.2f}; {r['ratio_to_peer_fused']:.2f}) | "
                      f"{r['bare_objective_ms_per_step']:.2f} ({r['ratio_bare']:.2f}) | {ot} |")
+    lines += ["", "Targets (issue 4): I-CFM step ≤ 1.05 × the peer's through flowkit's trainer; OT-CFM step ≤ 0.5 × "
+              "the peer's; equal or better quality.", ""]
+    for r in rows:
+        limit = SPEED_TARGET[r["method"]]
+        verdict = "met" if r["ratio_ms"] <= limit else "MISSED"
+        quality = [f"{metric} {quality_verdict(r, key, len(meta['seeds']))}"
+                   for metric, key in (("energy distance", "energy_distance"), ("sliced W2", "sliced_w2"),
+                                       ("NLL", "nll"))]
+        lines.append(f"- {r['method']}: step ratio {r['ratio_ms']:.2f} (target ≤ {limit}) — **{verdict}**; "
+                     + "; ".join(quality) + ".")
+    lines += ["", "Quality verdicts compare seed means (lower is better): *equal* when the difference is "
+              "within two standard errors of the difference of means over the training seeds."]
     return "\n".join(lines) + "\n"
 
 

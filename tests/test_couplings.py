@@ -1,13 +1,17 @@
 """Couplings: exact minibatch OT against scipy's assignment solver, Sinkhorn marginals."""
 
 import math
+import shutil
+import sysconfig
 
 import pytest
 import torch
 
 import flowkit
-from flowkit.couplings import (ExactOT, Independent, Sinkhorn, auction_assignment, interior_point_assignment,
-                               optimal_assignment, sinkhorn_log_plan, sinkhorn_potentials, squared_distances)
+import flowkit.couplings as couplings
+from flowkit.couplings import (ExactOT, Independent, Sinkhorn, auction_assignment, compiled_auction,
+                               compiled_auction_available, interior_point_assignment, optimal_assignment,
+                               sinkhorn_log_plan, sinkhorn_potentials, squared_distances)
 
 scipy_optimize = pytest.importorskip("scipy.optimize")  # the oracle, in tests only
 
@@ -43,7 +47,21 @@ def _cost_matrices():
 CASES = list(_cost_matrices())
 
 
-@pytest.mark.parametrize("method", ["auto", "auction"])
+needs_compiled = pytest.mark.skipif(not compiled_auction_available(),
+                                    reason="flowkit._auction was not built (no C compiler at install)")
+METHODS = [pytest.param("compiled", marks=needs_compiled), "ipm", "auction"]
+
+
+def test_compiled_solver_is_built_where_a_compiler_exists():
+    # The install builds flowkit._auction whenever a C compiler is present (setup.py); a
+    # silently skipped build would leave CPU users on the slower torch solvers.
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) on this machine")
+    assert compiled_auction_available()
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name,cost", CASES, ids=[c[0] for c in CASES])
 def test_optimal_assignment_is_an_optimal_permutation(name, cost, method):
     perm = optimal_assignment(cost, method=method)
@@ -60,6 +78,56 @@ def test_generic_problems_recover_scipys_permutation():
         cost = squared_distances(torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g))
         rows, cols = scipy_optimize.linear_sum_assignment(cost.numpy())
         assert optimal_assignment(cost).tolist() == cols.tolist()
+
+
+@needs_compiled
+def test_compiled_auction_takes_any_layout_and_recovers_scipys_permutation(monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    for n in (2, 64, 300):
+        x, z = torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
+        cost = squared_distances(z, x).T  # non-contiguous float64
+        rows, cols = scipy_optimize.linear_sum_assignment(cost.numpy())
+        assert compiled_auction(cost).tolist() == cols.tolist()
+        assert compiled_auction(cost.float()).tolist() == cols.tolist()
+    cost = torch.rand(50, 50, generator=g, dtype=torch.float64)
+    calls = []
+    real = couplings.compiled_auction
+    monkeypatch.setattr(couplings, "compiled_auction", lambda *a, **k: calls.append(1) or real(*a, **k))
+    optimal_assignment(cost)  # auto on a CPU cost takes the compiled solver
+    assert calls == [1]
+
+
+@needs_compiled
+@pytest.mark.parametrize("kernel", ["scalar", "sse2", "avx2"])
+def test_every_compiled_kernel_gives_the_optimum(kernel):
+    # The row scan has a portable version and x86 SIMD versions picked at import; run each one
+    # on odd sizes (SIMD tails), ties and clustered data.
+    extension = couplings._compiled
+    try:
+        previous = extension.use_kernel(kernel)
+    except ValueError:
+        pytest.skip(f"no {kernel} kernel on this machine")
+    try:
+        for name, cost in CASES:
+            if cost.shape[0] > 1:
+                perm = compiled_auction(cost)
+                span = float(cost.max() - cost.min())
+                assert _is_permutation(perm, cost.shape[0]), name
+                assert _total(cost, perm) <= _optimum(cost) + 1e-7 * span + 1e-12 * abs(_optimum(cost)), name
+    finally:
+        extension.use_kernel(previous)
+
+
+def test_without_the_extension_auto_falls_back_and_compiled_says_why(monkeypatch):
+    monkeypatch.setattr(couplings, "_compiled", None)
+    g = torch.Generator().manual_seed(12)
+    cost = torch.rand(40, 40, generator=g, dtype=torch.float64)
+    assert not compiled_auction_available()
+    assert _total(cost, optimal_assignment(cost)) <= _optimum(cost) + 1e-7
+    with pytest.raises(RuntimeError, match="C compiler"):
+        optimal_assignment(cost, method="compiled")
+    with pytest.raises(RuntimeError, match="C compiler"):
+        ExactOT(method="compiled")(torch.randn(8, 2), torch.randn(8, 2))
 
 
 def test_auction_alone_with_epsilon_scaling():
@@ -98,8 +166,10 @@ def test_bad_input_is_rejected():
         optimal_assignment(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="finite"):
         optimal_assignment(torch.tensor([[0.0, math.inf], [1.0, 2.0]]))
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="method.*compiled"):
         optimal_assignment(torch.zeros(2, 2), method="hungarian")
+    with pytest.raises(ValueError, match="method"):
+        ExactOT(method="hungarian")
     with pytest.raises(ValueError, match="shape"):
         ExactOT()(torch.zeros(4, 2), torch.zeros(5, 2))
 
