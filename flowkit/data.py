@@ -23,6 +23,7 @@ name                          source
 ``concentric_rings``
 ``sierpinski`` ``fractal_tree``
 ``gmm``                       full-covariance Gaussian mixture in ``dim`` dims
+``standardized``              any of the above, each coordinate at zero mean, unit std
 ============================  ===================================================
 
 The FFJORD sets follow the definitions of that paper's toy-data code so that
@@ -61,6 +62,7 @@ from .components import DATASETS
 __all__ = [
     "Dataset",
     "SyntheticDataset",
+    "Standardized",
     "get_dataset",
     "EightGaussians",
     "Checkerboard",
@@ -143,6 +145,83 @@ class SyntheticDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, num_classes={self.num_classes})"
+
+
+@DATASETS.register("standardized")
+class Standardized(Dataset):
+    r"""Another dataset with each coordinate moved to zero mean and unit standard deviation.
+
+    ``y = (x − μ) / s`` with ``μ``, ``s`` the per-coordinate mean and standard deviation of
+    ``reference`` held-out samples of the inner dataset (drawn once, seeded, so a recipe
+    always gets the same constants). Densities follow the change of variables:
+    ``log p_y(y) = log p_x(μ + s ⊙ y) + Σ_d log s_d``; :meth:`model_log_det` is
+    ``−Σ_d log s_d``, so ``flowkit nll`` still reports the NLL in the inner data's units.
+    This is how the DiffFlow code feeds its 2-D sets to a model with an ``N(0, I)`` prior.
+
+    Args:
+        data: the inner dataset, a ``{name: ..., **kwargs}`` block (continuous data only).
+        reference: number of samples that fix ``μ`` and ``s``.
+        seed: seed of those samples.
+
+    Example:
+        >>> data = DATASETS.build("standardized", data=get_dataset("olympic_rings"))
+        >>> y, _ = data.test_set(20000)
+        >>> [round(v, 1) for v in y.std(0).tolist()]
+        [1.0, 1.0]
+    """
+
+    nested = {"data": DATASETS}
+
+    def __init__(self, data: Dataset, reference: int = 100_000, seed: int = 0) -> None:
+        if not isinstance(data, Dataset):
+            raise TypeError(f"data must be a flowkit dataset, got {type(data).__name__}")
+        if data.discrete:
+            raise ValueError("standardized takes continuous data; image sets are dequantised and "
+                             "rescaled by their own loaders")
+        if int(reference) != reference or reference < 2:
+            raise ValueError(f"reference must be an integer >= 2, got {reference!r}")
+        self.data = data
+        x, _ = data.test_set(int(reference), seed=seed)
+        flat = x.double().flatten(1)
+        self.mean, self.std = flat.mean(0), flat.std(0)
+        if not bool((self.std > 0).all()):
+            raise ValueError("standardized: a coordinate of the data is constant (zero std)")
+        self.shape, self.num_classes = data.shape, data.num_classes
+        self.log_std_sum = float(self.std.log().sum())
+
+    def standardize(self, x: Tensor) -> Tensor:
+        """``(x − μ) / s``, in ``x``'s dtype."""
+        flat = x.flatten(1)
+        return ((flat - self.mean.to(flat)) / self.std.to(flat)).reshape(x.shape)
+
+    def original(self, y: Tensor) -> Tensor:
+        """``μ + s ⊙ y``: back to the inner data's units."""
+        flat = y.flatten(1)
+        return (flat * self.std.to(flat) + self.mean.to(flat)).reshape(y.shape)
+
+    def train_batch(self, n: int, generator: torch.Generator) -> Batch:
+        x, labels = self.data.train_batch(n, generator)
+        return self.standardize(x), labels
+
+    def test_set(self, n: int, seed: int = 1234) -> Batch:
+        x, labels = self.data.test_set(n, seed)
+        return self.standardize(x), labels
+
+    def log_prob(self, y: Tensor) -> Tensor | None:
+        inner = self.data.log_prob(self.original(y))
+        return None if inner is None else inner + self.log_std_sum
+
+    def model_log_det(self, y: Tensor) -> Tensor:
+        return torch.full(y.shape[:1], -self.log_std_sum, dtype=y.dtype, device=y.device)
+
+    def __getattr__(self, name: str):
+        # Support queries of the inner set (e.g. distance_to_support) measured in its units.
+        if name == "distance_to_support" and hasattr(self.__dict__.get("data"), name):
+            return lambda y: self.data.distance_to_support(self.original(y))
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return f"Standardized({self.data!r})"
 
 
 def get_dataset(name: str, **kwargs: object) -> Dataset:
@@ -401,19 +480,29 @@ class RadialRings(SyntheticDataset):
 class OlympicRings(RadialRings):
     """Five thin rings in the Olympic layout (DiffFlow); labels = ring.
 
-    Centres ``(-2.2, 0.5), (0, 0.5), (2.2, 0.5)`` on top and ``(-1.1, -0.5), (1.1, -0.5)``
-    below, each ring of radius ``radius`` with radial std ``radius_std``.
+    ``layout="flowkit"``: centres ``(-2.2, 0.5), (0, 0.5), (2.2, 0.5)`` on top and
+    ``(-1.1, -0.5), (1.1, -0.5)`` below. ``layout="official"``: the DiffFlow code's
+    centres ``(±1.75, 0.75), (0, 0.75), (±1.05, −0.75)`` (its ``(±3.5, 1.5)``-grid halved),
+    whose rings overlap more; that code then draws the radius with std ``0.01·√0.2`` and
+    standardises each axis (wrap in ``standardized`` for that). Each ring has radius
+    ``radius`` and radial std ``radius_std``.
 
     Args:
         radius: ring radius.
         radius_std: standard deviation of the radius (the rings are very sharp by default).
+        layout: ``flowkit`` or ``official`` (above).
     """
 
     centre_list = ((-2.2, 0.5), (0.0, 0.5), (2.2, 0.5), (-1.1, -0.5), (1.1, -0.5))
+    official_centre_list = ((-1.75, 0.75), (0.0, 0.75), (1.75, 0.75), (-1.05, -0.75), (1.05, -0.75))
 
-    def __init__(self, radius: float = 1.0, radius_std: float = 0.001) -> None:
+    def __init__(self, radius: float = 1.0, radius_std: float = 0.001,
+                 layout: Literal["flowkit", "official"] = "flowkit") -> None:
         radius = _positive("radius", radius)
-        super().__init__(torch.tensor(self.centre_list), torch.full((5,), radius), radius_std)
+        if layout not in ("flowkit", "official"):
+            raise ValueError(f"layout must be 'flowkit' or 'official', got {layout!r}")
+        centres = self.centre_list if layout == "flowkit" else self.official_centre_list
+        super().__init__(torch.tensor(centres), torch.full((5,), radius), radius_std)
 
 
 @DATASETS.register("concentric_rings")

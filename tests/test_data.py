@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from flowkit.components import DATASETS
-from flowkit.data import Dataset, GaussianMixture, get_dataset
+from flowkit.data import Dataset, GaussianMixture, Standardized, get_dataset
 from flowkit.registry import RegistryError
 
 # generated datasets only: file-backed ones (digits, hf, MAF tables) have tests/test_data_real.py
-NAMES = [n for n in DATASETS.names() if n not in {"digits", "hf", "power", "gas", "hepmass", "miniboone", "bsds300"}]
+NAMES = [n for n in DATASETS.names()
+         if n not in {"digits", "hf", "power", "gas", "hepmass", "miniboone", "bsds300", "standardized"}]
 BUILTIN = {"8gaussians", "checkerboard", "pinwheel", "2spirals", "moons", "circles", "swissroll",
            "rings", "olympic_rings", "concentric_rings", "sierpinski", "fractal_tree", "gmm"}
 
@@ -167,6 +168,44 @@ def test_olympic_rings_options():
     assert r.std().item() == pytest.approx(0.05, abs=0.01)
     with pytest.raises(ValueError):
         get_dataset("olympic_rings", radius_std=-1.0)
+
+
+def test_olympic_rings_official_layout():
+    data = get_dataset("olympic_rings", layout="official")
+    expected = torch.tensor([[-1.75, 0.75], [0.0, 0.75], [1.75, 0.75], [-1.05, -0.75], [1.05, -0.75]])
+    assert torch.allclose(data.centres, expected)
+    with pytest.raises(ValueError, match="layout"):
+        get_dataset("olympic_rings", layout="paris")
+
+
+def test_standardized_moves_each_coordinate_to_unit_scale_and_keeps_densities():
+    inner = GaussianMixture(dim=2, components=3, seed=1)
+    data = Standardized(inner, reference=50_000)
+    y, labels = data.test_set(50_000, seed=7)
+    assert y.mean(0).abs().max().item() < 0.03 and (y.std(0) - 1).abs().max().item() < 0.03
+    x, labels_inner = inner.test_set(50_000, seed=7)
+    assert torch.equal(labels, labels_inner)
+    assert torch.allclose(data.original(y), x, atol=1e-5)
+    # change of variables: log p_y(y) = log p_x(x) + Σ log s, and model_log_det adds −Σ log s back
+    lp = data.log_prob(y[:100])
+    assert torch.allclose(lp, inner.log_prob(x[:100]) + data.std.log().sum().float(), atol=1e-4)
+    assert torch.allclose(lp + data.model_log_det(y[:100]), inner.log_prob(x[:100]), atol=1e-4)
+    # training batches come from the caller's generator, test sets from their seed
+    a, _ = data.train_batch(8, gen(3))
+    b, _ = inner.train_batch(8, gen(3))
+    assert torch.allclose(data.original(a), b, atol=1e-5)
+
+
+def test_standardized_rings_answer_in_the_rings_units():
+    data = DATASETS.build("standardized", data=get_dataset("olympic_rings", radius_std=0.0))
+    y, _ = data.test_set(1000)
+    assert data.distance_to_support(y).max().item() < 1e-5
+    assert data.log_prob(y) is None  # the inner set has no closed-form density
+    assert not hasattr(DATASETS.build("standardized", data=get_dataset("sierpinski")), "distance_to_support")
+    with pytest.raises(ValueError, match="reference"):
+        Standardized(get_dataset("olympic_rings"), reference=1)
+    with pytest.raises(TypeError):
+        Standardized("olympic_rings")
 
 
 def test_sierpinski_avoids_removed_squares():
