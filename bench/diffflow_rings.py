@@ -68,6 +68,7 @@ import flowkit  # noqa: E402
 from flowkit.allocator import tune_cpu_allocator  # noqa: E402
 from flowkit.profiling import SavedTensorBytes  # noqa: E402
 from flowkit.config import EvalConfig  # noqa: E402
+from flowkit.checkpoint import load_run_recipe  # noqa: E402
 from flowkit.data import Standardized  # noqa: E402
 from flowkit.metrics import energy_distance  # noqa: E402
 from flowkit.recipe import build_component  # noqa: E402
@@ -453,7 +454,7 @@ def run_official(args) -> dict[str, Any]:
     recipe = flowkit.load_recipe(OFFICIAL_RECIPE, overrides)
     run = RESULTS / "runs" / ("diffflow_official" + ("_quick" if args.quick else ""))
     resume = (run / "checkpoints").is_dir()
-    if resume and flowkit.load_run(run)[0].recipe != flowkit.load_recipe(OFFICIAL_RECIPE, overrides):
+    if resume and load_run_recipe(run) != recipe:
         import shutil
 
         shutil.rmtree(run)  # a run of another recipe: start afresh

@@ -40,12 +40,13 @@
 
 /*
  * best_two: the best (smallest) and second-best value of row[j] + price[j] over j, and the
- * first column attaining the best; n >= 2. This pass is the whole cost of a bid. The SIMD
- * versions keep a running minimum and second minimum per lane,
+ * first column attaining the best; n >= 2. This pass is the whole cost of a bid. The AVX2
+ * version (picked at import where the CPU has it; elsewhere the scalar loop runs) keeps a
+ * running minimum and second minimum per lane,
  *
  *     second <- min(second, max(best, v)),   best <- min(best, v),
  *
- * merge the lanes, then find the column by an equality search (the same additions, so the
+ * merges the lanes, then finds the column by an equality search (the same additions, so the
  * same rounding). Costs are finite, so min/max need no NaN handling.
  */
 typedef void (*best_two_fn)(Py_ssize_t, const double *, const double *, Py_ssize_t *, double *,
@@ -102,38 +103,6 @@ static inline void merge_lanes(const double *lane_best, const double *lane_secon
 #include <immintrin.h>
 #define HAVE_X86_SIMD 1
 
-static void best_two_sse2(Py_ssize_t n, const double *row, const double *price,
-                          Py_ssize_t *best_col, double *best, double *second) {
-    __m128d best_a = _mm_set1_pd(INFINITY), second_a = best_a, best_b = best_a, second_b = best_a;
-    Py_ssize_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        __m128d v = _mm_add_pd(_mm_loadu_pd(row + j), _mm_loadu_pd(price + j));
-        __m128d w = _mm_add_pd(_mm_loadu_pd(row + j + 2), _mm_loadu_pd(price + j + 2));
-        second_a = _mm_min_pd(second_a, _mm_max_pd(best_a, v));
-        best_a = _mm_min_pd(best_a, v);
-        second_b = _mm_min_pd(second_b, _mm_max_pd(best_b, w));
-        best_b = _mm_min_pd(best_b, w);
-    }
-    double lane_best[4], lane_second[4];
-    _mm_storeu_pd(lane_best, best_a);
-    _mm_storeu_pd(lane_best + 2, best_b);
-    _mm_storeu_pd(lane_second, second_a);
-    _mm_storeu_pd(lane_second + 2, second_b);
-    merge_lanes(lane_best, lane_second, 4, j, n, row, price, best, second);
-    __m128d target = _mm_set1_pd(*best);
-    Py_ssize_t k = 0;
-    for (; k + 2 <= n; k += 2) {
-        __m128d v = _mm_add_pd(_mm_loadu_pd(row + k), _mm_loadu_pd(price + k));
-        int hit = _mm_movemask_pd(_mm_cmpeq_pd(v, target));
-        if (hit) {
-            *best_col = k + __builtin_ctz((unsigned)hit);
-            return;
-        }
-    }
-    while (row[k] + price[k] != *best) k++;
-    *best_col = k;
-}
-
 __attribute__((target("avx2"))) static void best_two_avx2(Py_ssize_t n, const double *row,
                                                           const double *price,
                                                           Py_ssize_t *best_col, double *best,
@@ -179,9 +148,6 @@ static void choose_best_two(void) {
     if (__builtin_cpu_supports("avx2")) {
         best_two = best_two_avx2;
         best_two_name = "avx2";
-    } else {
-        best_two = best_two_sse2;
-        best_two_name = "sse2";
     }
 #endif
 }
@@ -269,9 +235,6 @@ static PyObject *py_use_kernel(PyObject *self, PyObject *args) {
         best_two = best_two_scalar;
         best_two_name = "scalar";
 #ifdef HAVE_X86_SIMD
-    } else if (strcmp(name, "sse2") == 0) {
-        best_two = best_two_sse2;
-        best_two_name = "sse2";
     } else if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2")) {
         best_two = best_two_avx2;
         best_two_name = "avx2";
@@ -290,7 +253,7 @@ static PyObject *py_use_kernel(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"use_kernel", py_use_kernel, METH_VARARGS,
-     "use_kernel(name) -> previous: 'scalar', 'sse2' or 'avx2' (where available)."},
+     "use_kernel(name) -> previous: 'scalar' or 'avx2' (where available)."},
     {"auction", py_auction, METH_VARARGS,
      "auction(n, cost_address, out_address, price_address, eps_start, eps_final, theta) -> bids\n\n"
      "Minimum-cost assignment of a contiguous float64 [n, n] cost (row-major) into a\n"

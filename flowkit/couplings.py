@@ -76,8 +76,8 @@ except ImportError:  # pragma: no cover - depends on the install
     _compiled = None
 
 __all__ = ["Coupling", "Independent", "ExactOT", "Sinkhorn", "Teacher", "optimal_assignment",
-           "compiled_auction", "compiled_auction_available", "interior_point_assignment", "auction_assignment", "sinkhorn_potentials",
-           "sinkhorn_log_plan", "squared_distances"]
+           "compiled_auction", "compiled_auction_available", "interior_point_assignment",
+           "auction_assignment", "sinkhorn_potentials", "sinkhorn_log_plan", "squared_distances"]
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -174,8 +174,11 @@ def optimal_assignment(cost: Tensor, *, tol: float = 1e-7,
         return torch.arange(n, device=device)
     if method == "auto" and device.type == "cpu" and _compiled is not None:
         method = "compiled"
-    dtype = torch.float64 if method == "compiled" or device.type != "mps" else torch.float32
-    cost = cost.detach().to(dtype)
+    if method == "compiled":
+        _require_compiled()
+        cost = cost.detach().to(device="cpu", dtype=torch.float64).contiguous()  # the solver's input
+    else:
+        cost = cost.detach().to(torch.float32 if device.type == "mps" else torch.float64)
     lo, hi = cost.aminmax()
     span, top = float(hi - lo), float(max(abs(hi), abs(lo)))
     if not math.isfinite(span):
@@ -184,9 +187,9 @@ def optimal_assignment(cost: Tensor, *, tol: float = 1e-7,
         return torch.arange(n, device=device)
     cost = _group_penalty(cost, groups, span)
     if method == "compiled":
-        return compiled_auction(cost, tol=tol, span=span)
+        return _run_compiled(cost, tol=tol, span=span).to(device)
     potentials = None
-    if method == "ipm" or (method == "auto" and dtype == torch.float64):
+    if method == "ipm" or (method == "auto" and cost.dtype == torch.float64):
         solved = interior_point_assignment(cost, gap=gap, scale=top, dtype=torch.float32)
         if solved is not None:
             plan, _, potentials = solved
@@ -238,31 +241,41 @@ def compiled_auction(cost: Tensor, *, tol: float = 1e-7, span: Optional[float] =
         ...     cost = torch.tensor([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]])
         ...     assert compiled_auction(cost).tolist() == [1, 0, 2]
     """
+    _require_compiled()
+    if cost.dim() != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"need a square [n, n] cost matrix, got shape {tuple(cost.shape)}")
+    host = cost.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    if not bool(host.isfinite().all()):
+        raise ValueError("the cost matrix must be finite")
+    return _run_compiled(host, tol=tol, span=span, scaling=scaling, eps_start=eps_start).to(cost.device)
+
+
+def _require_compiled() -> None:
     if _compiled is None:
         raise RuntimeError(
             "flowkit's compiled assignment solver (flowkit._auction) is not built: reinstall "
             "flowkit where a C compiler is available (`pip install -e .` builds it), or use "
             "method='ipm' / 'auction' (pure torch)")
-    if cost.dim() != 2 or cost.shape[0] != cost.shape[1]:
-        raise ValueError(f"need a square [n, n] cost matrix, got shape {tuple(cost.shape)}")
+
+
+def _run_compiled(host: Tensor, *, tol: float, span: Optional[float] = None, scaling: float = 5.0,
+                  eps_start: Optional[float] = None) -> Tensor:
+    """The C auction on a finite, contiguous float64 CPU cost ``[n, n]``; a CPU permutation."""
     if not (tol > 0 and scaling > 1):
         raise ValueError(f"need tol > 0 and scaling > 1, got tol={tol}, scaling={scaling}")
-    n, device = cost.shape[0], cost.device
-    host = cost.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    n = host.shape[0]
     lo, hi = host.aminmax()
-    full_span = float(hi - lo)
+    full_span = float(hi - lo)  # with a group penalty, wider than the span tol refers to
     span = full_span if span is None else float(span)
-    if not (math.isfinite(full_span) and math.isfinite(span)):
-        raise ValueError("the cost matrix must be finite")
     if n <= 1 or full_span == 0.0 or span <= 0.0:
-        return torch.arange(n, device=device)
+        return torch.arange(n)
     perm = torch.empty(n, dtype=torch.int64)
     prices = torch.zeros(n, dtype=torch.float64)
     eps_final = tol * span / n
     start = full_span / 4 if eps_start is None else float(eps_start)
     _compiled.auction(n, host.data_ptr(), perm.data_ptr(), prices.data_ptr(), max(start, eps_final),
                       eps_final, float(scaling))
-    return perm.to(device)
+    return perm
 
 
 def _round_plan(plan: Tensor, rounds: int = 8) -> Tensor:
