@@ -28,7 +28,16 @@ Two parts:
 * ``official`` — ``recipes/diffflow_rings_official.yaml`` (the official code's 2-D
   configuration above) trained for 2,000 steps at batch 1,000, the setting of the issue's
   quality figure, evaluated as in ``compare`` next to the data-vs-data noise floor (energy
-  distance and MMD² between independent data sets of the same size, mean ± sd over 10 pairs).
+  distance and MMD² between independent data sets of the same size, mean ± sd over
+  ``--draws`` pairs). The model's energy distance is averaged the same way, over ``--draws``
+  independent sample sets each scored against its own data set: a single draw against one
+  reference set moves by about one floor sd, and every sampler scored against the same
+  reference set moves together. Beside it, the in-run plain-PyTorch baseline of the same
+  algorithm trained the way the official code trains (:class:`PlainDiffFlow`,
+  :data:`OFFICIAL_TRAINING`; weights kept in ``bench/results/runs/plain_official.pt``),
+  with per-metric verdicts (``--no-baseline`` skips it). ``--run DIR`` evaluates a trained
+  run directory instead (report and PNG written into ``DIR``), so variants of the recipe can
+  be compared.
 
 Reference (issue): the official DiffFlow code on this 2-core CPU, Olympic rings, N = 30,
 T = 0.05, g = 0.2: 557 ms per step at batch 1,000 with its stochastic adjoint (417 ms naive),
@@ -39,6 +48,7 @@ naive 0.7 / 2.0 / 6.6 GB; adjoint gradients equal autograd's to 2e-5 relative.
     python bench/diffflow_rings.py --part timing               # timing + memory only
     python bench/diffflow_rings.py --part compare --steps 8000 --budget 1800
     python bench/diffflow_rings.py --part official --threads 2   # official config, 2,000 steps
+    python bench/diffflow_rings.py --part official --run runs/my_variant   # evaluate a run
 
 Results: ``bench/results/diffflow_rings.json`` and ``.md`` (each part updates its section),
 ``bench/results/diffflow_rings_<dataset>.png``. Timings on a shared machine are distorted
@@ -440,13 +450,182 @@ OFFICIAL_SAMPLERS = {
 }
 
 
-def run_official(args) -> dict[str, Any]:
-    """The official code's 2-D configuration trained by flowkit's trainer for as many steps as
-    the issue's quality figure (2,000 at batch 1,000), into a resumable run directory; then the
-    compare part's metrics for the raw and the EMA weights with three samplers, next to the
-    data-vs-data noise floor of the same sample size."""
+def energy_distance_draws(built, flow, draws: int, n: int) -> list[float]:
+    """Energy distance of ``draws`` independent sample sets of ``n`` points from the model, each
+    against its own independent data set of ``n`` points: the model-side counterpart of
+    :func:`noise_floor`, so the two means differ by the model's error alone."""
+    eds = []
+    for k in range(draws):
+        torch.manual_seed(50_000 + k)  # the reverse SDE's noise
+        with torch.no_grad():
+            x = flowkit.generate(flow, built.sampler, n, seed=50_000 + k).x.float()
+        x = x[torch.isfinite(x).all(1)]
+        ref, _ = built.dataset.test_set(n, seed=30_000 + k)
+        eds.append(energy_distance(x, ref) if len(x) > 10 else float("nan"))
+    return eds
+
+
+# The official code's training settings (its 2-D configuration files), for the plain baseline:
+# Adam 1e-2 on both networks, gradient norm clipped to 1, the learning rate times 0.95 every
+# two epochs of its 500,000-point training set (every 1,000 steps at batch 1,000), the
+# standard-normal prior, and its time grid: t_i = (a + (b − a) i/N)^(1/0.9) with a = 0.001^0.9,
+# b = 0.05^0.9 — the issue's L_β with β = 1/0.9, starting at t = 0.001 (finer steps near the data).
+OFFICIAL_TRAINING = {"lr": 1e-2, "clip": 1.0, "gamma": 0.95, "every": 1000, "t_start": 0.001, "exp": 0.9}
+
+
+def official_grid(n: int, t_start: float, end: float, exp: float) -> torch.Tensor:
+    return torch.linspace(t_start**exp, end**exp, n + 1) ** (1.0 / exp)
+
+
+class PlainDiffFlow(torch.nn.Module):
+    """The in-run plain-PyTorch baseline of the quality comparison: DiffFlow trained as the
+    official code trains it (eq. 15 by naive backprop through a plain loop, as
+    :func:`plain_stepper`, with :data:`OFFICIAL_TRAINING`), sampled by its reverse SDE
+    (eq. 9, Euler–Maruyama on the same grid), and wrapped as a :class:`flowkit.Flow` only to
+    share the evaluation (PF-ODE NLL) with flowkit's runs."""
+
+    def __init__(self, drift, score, n: int, end: float, g: float):
+        super().__init__()
+        self.drift, self.score, self.g = drift, score, g
+        o = OFFICIAL_TRAINING
+        self.register_buffer("grid", official_grid(n, o["t_start"], end, o["exp"]))
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        g, grid = self.g, self.grid
+        total = torch.zeros(x.shape[0])
+        for i in range(len(grid) - 1):
+            dt = grid[i + 1] - grid[i]
+            x_next = x + self.drift(grid[i], x) * dt + g * dt.sqrt() * torch.randn_like(x)
+            back = self.drift(grid[i + 1], x_next) - g * g * self.score(grid[i + 1], x_next)
+            total = total + 0.5 * ((x - x_next + back * dt) / (g * dt.sqrt())).pow(2).sum(1)
+            x = x_next
+        return (total + 0.5 * x.pow(2).sum(1)).mean()  # − log N(x_N; 0, I) up to a constant
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        x, g, grid = torch.randn(n, 2), self.g, self.grid
+        for i in range(len(grid) - 1, 0, -1):
+            dt = grid[i] - grid[i - 1]
+            back = self.drift(grid[i], x) - g * g * self.score(grid[i], x)
+            x = x - back * dt + g * dt.sqrt() * torch.randn_like(x)
+        return x
+
+    def flow(self) -> "flowkit.Flow":
+        from flowkit.flow import StandardNormal
+
+        def velocity(t, x, cond=None):
+            return self.drift(t, x) - 0.5 * self.g**2 * self.score(t, x)
+
+        return flowkit.Flow(velocity=velocity, prior=StandardNormal((2,)), t0=float(self.grid[0]),
+                            t1=float(self.grid[-1]))
+
+
+def train_plain_official(recipe: dict, steps: int, path: Path) -> tuple[PlainDiffFlow, dict]:
+    """Train (or reload, when ``path`` holds the same configuration) :class:`PlainDiffFlow` on
+    the recipe's data and networks with the official code's training settings."""
+    cfg = {"steps": steps, "batch": recipe["train"]["batch_size"], "data": recipe["data"],
+           "dynamics": recipe["dynamics"], **_objective_settings(recipe), **OFFICIAL_TRAINING}
+    torch.manual_seed(0)
+    built = flowkit.build(recipe)
+    obj = recipe["objective"]
+    model = PlainDiffFlow(built.objective.drift, built.objective.score, obj["steps"][-1], obj["end_time"], obj["g"])
+    if path.is_file():
+        saved = torch.load(path)
+        if saved["config"] == cfg:
+            model.load_state_dict(saved["model"])
+            return model, {**saved["info"], "dataset": built.dataset}
+    o = OFFICIAL_TRAINING
+    opt = torch.optim.Adam(model.parameters(), o["lr"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o["every"], gamma=o["gamma"])
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for step in range(steps):
+        x, _ = built.dataset.train_batch(cfg["batch"], gen)
+        loss = model.loss(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip"])
+        opt.step()
+        sched.step()
+        if (step + 1) % 250 == 0:
+            print(f"plain official-style baseline: step {step + 1}/{steps}, loss {loss.item():.3f}", flush=True)
+    info = {"steps": steps, "s_per_iter": (time.perf_counter() - start) / steps}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"config": cfg, "model": model.state_dict(), "info": info}, tmp)
+    tmp.replace(path)
+    return model, {**info, "dataset": built.dataset}
+
+
+def _objective_settings(recipe: dict) -> dict:
+    o = recipe["objective"]
+    return {"n": o["steps"][-1], "end_time": o["end_time"], "g": o["g"]}
+
+
+def evaluate_plain(model: PlainDiffFlow, dataset, args) -> tuple[dict[str, Any], torch.Tensor]:
+    """The official part's metrics for the plain baseline (same test sets and seeds as
+    :func:`evaluate` and :func:`energy_distance_draws`)."""
+    x, _ = dataset.test_set(args.eval_n, seed=1234)
+    ev = EvalConfig(n=args.eval_n, batch_size=min(args.eval_n, 2000), divergence="exact", rtol=1e-5, atol=1e-5)
+    nll = flowkit.evaluate_nll(model.flow(), x, ev)
+    samples = model.sample(args.samples, seed=0)
+    n = min(args.samples, 2000)
+    ref, _ = dataset.test_set(n, seed=77)
+    eds = []
+    for k in range(args.draws):
+        ref_k, _ = dataset.test_set(n, seed=30_000 + k)
+        eds.append(energy_distance(model.sample(n, seed=50_000 + k), ref_k))
+    return {"nll": nll["nll"], "nll_sem": nll["nll_sem"], "nll_nfe": nll["nfe"], "sample_nfe": len(model.grid) - 1,
+            "on_support": on_support(dataset, samples), "mmd_0.05": mmd(samples[:n], ref),
+            "energy_distance": energy_distance(samples[:n], ref), "energy_distance_draws": eds}, samples
+
+
+def evaluate_official_run(run: Path, args, png: Optional[Path] = None,
+                          extra: Optional[dict[str, tuple[dict, torch.Tensor]]] = None) -> dict[str, Any]:
+    """The official part's metrics for a trained run directory: each sampler of
+    ``OFFICIAL_SAMPLERS`` with the compare part's metrics plus the energy distance over
+    ``--draws`` independent draws, next to the data-vs-data noise floor of the same size;
+    ``extra`` rows (label → metrics, samples) are reported and drawn after them."""
     from flowkit.plotting import plot_grid
 
+    recipe = load_run_recipe(run)
+    n = min(args.samples, 2000)
+    floor = noise_floor(build_component(flowkit.DATASETS, recipe["data"]), n, pairs=args.draws)
+    rows: dict[str, Any] = {}
+    panels = []
+    for weights in ("raw", "ema") if recipe["train"].get("ema") else ("raw",):
+        for label, sampler in OFFICIAL_SAMPLERS.items():
+            built, step = flowkit.load_run(run, sampler, ema=weights == "ema")
+            metrics, samples = evaluate(built, built.objective, args.eval_n, args.samples)
+            metrics["energy_distance_draws"] = energy_distance_draws(built, built.objective.flow(), args.draws, n)
+            rows[f"{weights} weights, {label}"] = metrics
+            panels.append((f"{weights}, {label.split(' (')[0]}: on {metrics['on_support']:.2f}", samples))
+            print(f"{run.name}, {weights} weights, {label}: {metrics}", flush=True)
+    for label, (metrics, samples) in (extra or {}).items():
+        rows[label] = metrics
+        panels.append((f"{label.split(' (')[0]}: on {metrics['on_support']:.2f}", samples))
+    ref, _ = built.dataset.test_set(args.samples, seed=5)
+    png = png or RESULTS / "diffflow_rings_official.png"
+    plot_grid([("data", ref), *panels], png, reference=ref)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    s_per_iter = statistics.median(1.0 / r["it_per_s"] for r in records[1:] or records)
+    return {"steps": step, "batch": recipe["train"]["batch_size"], "ema": recipe["train"].get("ema", 0.0),
+            "grad_clip": recipe["train"].get("grad_clip", 0.0), "schedule": recipe["train"].get("schedule"),
+            "data": recipe["data"], "params": sum(p.numel() for p in built.objective.parameters()),
+            "s_per_iter": s_per_iter, "rows": rows, "noise_floor": floor, "samples": args.samples,
+            "data_on_support": on_support(built.dataset, ref), "true_nll": true_nll(built.dataset),
+            "png": str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png),
+            "machine": machine(args.threads)}
+
+
+def run_official(args) -> dict[str, Any]:
+    """The official code's 2-D configuration trained by flowkit's trainer for as many steps as
+    the issue's quality figure (2,000 at batch 1,000), into a resumable run directory, then
+    :func:`evaluate_official_run`. With ``--run DIR`` an existing run is evaluated instead."""
+    if args.run:
+        run = Path(args.run)
+        return {**evaluate_official_run(run, args, run / "official_eval.png"), "recipe": str(run)}
     steps = args.steps if args.quick else 2000
     overrides = [f"train.steps={steps}", "train.sample_every=0", f"train.threads={args.threads}"]
     if args.quick and args.batch:
@@ -462,28 +641,19 @@ def run_official(args) -> dict[str, Any]:
     start = time.perf_counter()
     flowkit.train(recipe, run, resume=resume, progress=False, log=lambda *a: None)
     wall = time.perf_counter() - start
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    s_per_iter = statistics.median(1.0 / r["it_per_s"] for r in records[1:] or records)
-    floor = noise_floor(build_component(flowkit.DATASETS, recipe["data"]), min(args.samples, 2000))
-    rows: dict[str, Any] = {}
-    panels = []
-    for weights in ("raw", "ema") if recipe["train"].get("ema") else ("raw",):
-        for label, sampler in OFFICIAL_SAMPLERS.items():
-            built, step = flowkit.load_run(run, sampler, ema=weights == "ema")
-            metrics, samples = evaluate(built, built.objective, args.eval_n, args.samples)
-            rows[f"{weights} weights, {label}"] = metrics
-            panels.append((f"{weights}, {label.split(' (')[0]}: on {metrics['on_support']:.2f}", samples))
-            print(f"official config, {weights} weights, {label}: {metrics}", flush=True)
-    ref, _ = built.dataset.test_set(args.samples, seed=5)
-    png = RESULTS / "diffflow_rings_official.png"
-    plot_grid([("data", ref), *panels], png, reference=ref)
-    return {"steps": step, "batch": recipe["train"]["batch_size"], "ema": recipe["train"].get("ema", 0.0),
-            "data": recipe["data"],
-            "params": sum(p.numel() for p in built.objective.parameters()), "s_per_iter": s_per_iter,
-            "train_seconds_this_call": wall, "rows": rows, "noise_floor": floor,
-            "data_on_support": on_support(built.dataset, ref), "true_nll": true_nll(built.dataset),
-            "png": str(png.relative_to(ROOT)), "recipe": str(OFFICIAL_RECIPE.relative_to(ROOT)),
-            "machine": machine(args.threads)}
+    extra, baseline = {}, None
+    if not args.no_baseline:
+        suffix = "_quick" if args.quick else ""
+        plain, info = train_plain_official(recipe, steps, RESULTS / "runs" / f"plain_official{suffix}.pt")
+        metrics, samples = evaluate_plain(plain, info.pop("dataset"), args)
+        print(f"plain official-style baseline: {metrics}", flush=True)
+        extra[PLAIN_LABEL] = (metrics, samples)
+        baseline = {**info, "settings": OFFICIAL_TRAINING}
+    return {**evaluate_official_run(run, args, extra=extra), "train_seconds_this_call": wall,
+            "recipe": str(OFFICIAL_RECIPE.relative_to(ROOT)), "baseline": baseline}
+
+
+PLAIN_LABEL = "plain PyTorch, official training (reverse SDE, its grid, N = 30)"
 
 
 # ----------------------------------------------------------------------------- report
@@ -537,36 +707,84 @@ def timing_markdown(t: dict) -> list[str]:
     return lines
 
 
+def official_markdown(o: dict) -> list[str]:
+    f = o["noise_floor"]
+    draws = f["pairs"]
+    settings = f"EMA {o['ema']}, grad clip {o.get('grad_clip', 0.0)}, {o.get('schedule') or 'constant'} LR"
+    lines = [f"## Sample quality at the official configuration ({o.get('mode', '')})", "",
+             f"`{o['recipe']}` trained by `flowkit train`: {o['params']:,} parameters, {o['steps']} steps at "
+             f"batch {o['batch']} ({settings}), {o['s_per_iter']:.3f} s/it ({o['machine']['threads']} "
+             "thread(s)). The issue: after 2,000 steps the official code's energy distance is at the "
+             "metric's noise floor (±7e-4). Energy distance: mean ± sd over "
+             f"{draws} independent draws of {f['n']} samples, each against its own data set of {f['n']}; "
+             "the data-vs-data row is the same with data in place of the model (the noise floor). "
+             "z: (model mean − floor mean) / floor sd; at the noise floor when z ≤ 1, i.e. a typical draw "
+             "of the model scores within the floor's ±1 sd band.", "",
+             "| weights, sampler | NLL (nats) | on-support | MMD² (σ 0.05) | energy distance | z | NFE |",
+             "|---|---|---|---|---|---|---|"]
+    zs = {}
+    for label, r in o["rows"].items():
+        eds = r.get("energy_distance_draws") or [r["energy_distance"]]
+        mean, sd = statistics.mean(eds), (statistics.stdev(eds) if len(eds) > 1 else float("nan"))
+        zs[label] = (mean - f["energy_distance_mean"]) / f["energy_distance_sd"]
+        lines.append(f"| {label} | {r['nll']:.3f} ± {r['nll_sem']:.3f} | {r['on_support']:.3f} | "
+                     f"{r['mmd_0.05']:.2e} | {mean:.2e} ± {sd:.1e} | {zs[label]:+.1f} | {r['sample_nfe']} |")
+    lines += [f"| data vs data ({draws} pairs of {f['n']}) | {o['true_nll']:.3f} (true) | "
+              f"{o['data_on_support']:.3f} | {f['mmd_mean']:.2e} ± {f['mmd_sd']:.2e} | "
+              f"{f['energy_distance_mean']:.2e} ± {f['energy_distance_sd']:.1e} | | |", ""]
+    first_label, first = next(iter(o["rows"].items()))
+    z = zs[first_label]
+    zm = (first["mmd_0.05"] - f["mmd_mean"]) / f["mmd_sd"]
+    eds = first.get("energy_distance_draws") or [first["energy_distance"]]
+    gap = statistics.mean(eds) - f["energy_distance_mean"]
+    se = math.sqrt((statistics.variance(eds) if len(eds) > 1 else 0.0) / len(eds) + f["energy_distance_sd"] ** 2 / draws)
+    lines += [f"Recipe's sampler: energy distance {z:+.1f} floor sd from the data-vs-data mean "
+              + ("(**at the noise floor**)" if z <= 1 else "(**above the noise floor**)")
+              + f"; the gap of the means, {gap:+.1e} ± {se:.1e} (standard error), is "
+              + ("within" if abs(gap) <= 2 * se else "outside") + " 2 standard errors of zero"
+              + f", narrow-kernel MMD² {zm:+.1f} sd " + ("(at the noise floor)." if abs(zm) <= 2 else "(above it).")
+              + f" Data: `{json.dumps(o.get('data', {}))}`.", ""]
+    base = o["rows"].get(PLAIN_LABEL)
+    if base:
+        b = o["baseline"]
+        lines += [f"Against the plain-PyTorch baseline trained the official code's way ({b['steps']} steps, "
+                  f"{b['s_per_iter']:.3f} s/it; Adam {b['settings']['lr']}, gradient norm clipped to "
+                  f"{b['settings']['clip']}, LR × {b['settings']['gamma']} every {b['settings']['every']} steps, "
+                  f"its time grid from t = {b['settings']['t_start']}), flowkit's recipe with its sampler: "
+                  + "; ".join(compare_rows(first, base, args_n=o.get("samples", 5000))) + ".", ""]
+    lines += [f"![official]({Path(o['png']).name})", ""]
+    return lines
+
+
+def compare_rows(a: dict, b: dict, args_n: int) -> list[str]:
+    """Per-metric verdicts of row ``a`` (flowkit) against row ``b`` (baseline): better / worse
+    when the difference exceeds 2 standard errors, else equal."""
+    def verdict(diff: float, se: float, lower_is_better: bool = True) -> str:
+        if abs(diff) <= 2 * se:
+            return "equal"
+        return "better" if (diff < 0) == lower_is_better else "worse"
+
+    out = []
+    d, se = a["nll"] - b["nll"], math.hypot(a["nll_sem"], b["nll_sem"])
+    out.append(f"NLL {a['nll']:.3f} vs {b['nll']:.3f} ({verdict(d, se)})")
+    pa, pb = a["on_support"], b["on_support"]
+    se = math.sqrt(pa * (1 - pa) / args_n + pb * (1 - pb) / args_n)
+    out.append(f"on-support {pa:.3f} vs {pb:.3f} ({verdict(pa - pb, se, lower_is_better=False)})")
+    ea, eb = a.get("energy_distance_draws"), b.get("energy_distance_draws")
+    if ea and eb and len(ea) > 1 and len(eb) > 1:
+        d = statistics.mean(ea) - statistics.mean(eb)
+        se = math.sqrt(statistics.variance(ea) / len(ea) + statistics.variance(eb) / len(eb))
+        out.append(f"energy distance {statistics.mean(ea):.1e} vs {statistics.mean(eb):.1e} ({verdict(d, se)})")
+    out.append(f"narrow-kernel MMD² {a['mmd_0.05']:.1e} vs {b['mmd_0.05']:.1e}")
+    return out
+
+
 def markdown(results: dict) -> str:
     lines = ["# DiffFlow benchmark (bench/diffflow_rings.py)", ""]
     for key in sorted(k for k in results if k.startswith("timing")):
         lines += timing_markdown(results[key])
-    o = results.get("official")
-    if o:
-        f = o["noise_floor"]
-        lines += [f"## Sample quality at the official configuration ({o.get('mode', '')})", "",
-                  f"`{o['recipe']}` trained by `flowkit train`: {o['params']:,} parameters, {o['steps']} steps at "
-                  f"batch {o['batch']} (EMA {o['ema']}), {o['s_per_iter']:.3f} s/it ({o['machine']['threads']} "
-                  "thread(s)). The issue: after 2,000 steps the official code's energy distance is at the "
-                  "metric's noise floor (±7e-4). z: the energy distance in standard deviations of the "
-                  "data-vs-data noise floor.", "",
-                  "| weights, sampler | NLL (nats) | on-support | MMD² (σ 0.05) | energy distance | z | NFE |",
-                  "|---|---|---|---|---|---|---|"]
-        for label, r in o["rows"].items():
-            z = (r["energy_distance"] - f["energy_distance_mean"]) / f["energy_distance_sd"]
-            lines.append(f"| {label} | {r['nll']:.3f} ± {r['nll_sem']:.3f} | {r['on_support']:.3f} | "
-                         f"{r['mmd_0.05']:.2e} | {r['energy_distance']:.2e} | {z:+.1f} | {r['sample_nfe']} |")
-        lines += [f"| data vs data ({f['pairs']} pairs of {f['n']}) | {o['true_nll']:.3f} (true) | "
-                  f"{o['data_on_support']:.3f} | {f['mmd_mean']:.2e} ± {f['mmd_sd']:.2e} | "
-                  f"{f['energy_distance_mean']:.2e} ± {f['energy_distance_sd']:.2e} | | |", ""]
-        first = next(iter(o["rows"].values()))
-        z = (first["energy_distance"] - f["energy_distance_mean"]) / f["energy_distance_sd"]
-        zm = (first["mmd_0.05"] - f["mmd_mean"]) / f["mmd_sd"]
-        lines += [f"Recipe's sampler: energy distance {z:+.1f} sd from the data-vs-data mean "
-                  + ("(**at the noise floor**)" if abs(z) <= 2 else "(**above the noise floor**)")
-                  + f", narrow-kernel MMD² {zm:+.1f} sd " + ("(at the noise floor)." if abs(zm) <= 2 else "(above it).")
-                  + f" Data: `{json.dumps(o.get('data', {}))}`.", "",
-                  f"![official]({Path(o['png']).name})", ""]
+    if results.get("official"):
+        lines += official_markdown(results["official"])
     c = results.get("compare")
     if c:
         m0 = c["machine_start"]
@@ -609,6 +827,12 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=None)
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--memory-batch", type=int, default=None)
+    parser.add_argument("--draws", type=int, default=None,
+                        help="official: independent sample sets for the energy distance (default 20)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="official: skip the plain-PyTorch baseline trained the official code's way")
+    parser.add_argument("--run", default=None,
+                        help="official: evaluate this trained run directory instead of training the recipe")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
@@ -632,6 +856,7 @@ def main() -> None:
     args.batch = args.batch if args.batch is not None else (256 if q else None)
     args.eval_n = args.eval_n if args.eval_n is not None else (200 if q else 2000)
     args.samples = args.samples if args.samples is not None else (1000 if q else 5000)
+    args.draws = args.draws if args.draws is not None else (3 if q else 20)
     args.memory_batch = args.memory_batch if args.memory_batch is not None else (1000 if q else 5000)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "diffflow_rings.json"
@@ -642,6 +867,14 @@ def main() -> None:
             ("_default_allocator" if args.default_allocator else "")
         results[key] = {"mode": mode, **run_timing(args)}
         path.write_text(json.dumps(results, indent=2))
+    if args.run:  # evaluate a run directory: the report goes next to it, the bench results stay
+        run = Path(args.run)
+        report = {"mode": "run", **run_official(args)}
+        (run / "official_eval.json").write_text(json.dumps(report, indent=2))
+        text = "\n".join(official_markdown(report)) + "\n"
+        (run / "official_eval.md").write_text(text)
+        print(text)
+        return
     if args.part in ("all", "official"):
         results["official"] = {"mode": mode, **run_official(args)}
         path.write_text(json.dumps(results, indent=2))
