@@ -148,24 +148,15 @@ def plain_stepper(batch: int, n: int):
     ``x_i`` (forward move) and drift and score at ``x_{i+1}`` (backward residual), with one
     scalar time per step. Same networks, data, grid, g and optimiser as the flowkit rows."""
     built, obj = build_timing(n, "naive")
-    drift, score = obj.drift, obj.score
-    opt = torch.optim.Adam([*drift.parameters(), *score.parameters()], 1e-2)
     cfg = TIMING_RECIPE["objective"]
-    end, g, beta = cfg["end_time"], cfg["g"], cfg["beta"]
+    grid = cfg["end_time"] * (torch.arange(n + 1) / n) ** cfg["beta"]
+    plain = PlainDiffFlow(obj.drift, obj.score, grid, cfg["g"], prior_std=obj.prior.std)
+    opt = torch.optim.Adam(plain.parameters(), 1e-2)
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:
         x, _ = built.dataset.train_batch(batch, gen)
-        grid = end * (torch.arange(n + 1) / n) ** beta
-        loss = torch.zeros(batch)
-        for i in range(n):
-            dt = grid[i + 1] - grid[i]
-            x_next = x + drift(grid[i], x) * dt + g * dt.sqrt() * torch.randn_like(x)
-            back = drift(grid[i + 1], x_next) - g * g * score(grid[i + 1], x_next)
-            delta = (x - x_next + back * dt) / (g * dt.sqrt())
-            loss = loss + 0.5 * delta.pow(2).sum(1)
-            x = x_next
-        loss = (loss - obj.prior.log_prob(x)).mean()
+        loss = plain.loss(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -354,8 +345,23 @@ def train_for(recipe: dict, budget: float) -> tuple[Any, dict]:
 
 
 def evaluate(built, model, n_eval: int, n_samples: int) -> tuple[dict, torch.Tensor]:
+    """:func:`evaluate_flow` of a flowkit model with the recipe's sampler."""
     flow = model.flow()
-    x, _ = built.dataset.test_set(n_eval, seed=1234)
+
+    def sample(n: int) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(1)  # a reverse SDE's noise (generate's seed is the prior's)
+        with torch.no_grad():
+            res = flowkit.generate(flow, built.sampler, n, seed=0)
+        return res.x, res.nfe
+
+    return evaluate_flow(built.dataset, flow, sample, n_eval, n_samples)
+
+
+def evaluate_flow(dataset, flow, sample: Callable[[int], tuple[torch.Tensor, int]], n_eval: int,
+                  n_samples: int) -> tuple[dict, torch.Tensor]:
+    """PF-ODE NLL of ``flow`` on ``n_eval`` test points; ``sample(n)`` → (samples, NFE) for the
+    sample metrics (on-support, and MMD² / energy distance against one reference set)."""
+    x, _ = dataset.test_set(n_eval, seed=1234)
     ev = EvalConfig(n=n_eval, batch_size=min(n_eval, 2000), divergence="exact", rtol=1e-5, atol=1e-5)
     start = time.perf_counter()
     try:
@@ -364,18 +370,16 @@ def evaluate(built, model, n_eval: int, n_samples: int) -> tuple[dict, torch.Ten
         nll = {"nll": float("nan"), "nll_sem": float("nan"), "nfe": float("nan"), "error": repr(exc)}
     nll_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    torch.manual_seed(1)  # a reverse SDE's noise (generate's seed is the prior's)
-    with torch.no_grad():
-        res = flowkit.generate(flow, built.sampler, n_samples, seed=0)
+    samples, nfe = sample(n_samples)
     sample_seconds = time.perf_counter() - start
-    samples = res.x.float()
+    samples = samples.float()
     ok = torch.isfinite(samples).all(1)
-    ref, _ = built.dataset.test_set(min(n_samples, 2000), seed=77)
+    ref, _ = dataset.test_set(min(n_samples, 2000), seed=77)
     s2 = samples[ok][: len(ref)]
     return {
         "nll": nll["nll"], "nll_sem": nll["nll_sem"], "nll_nfe": nll["nfe"], "nll_seconds": nll_seconds,
-        "sample_nfe": res.nfe, "sample_seconds": sample_seconds, "finite_fraction": float(ok.float().mean()),
-        "on_support": on_support(built.dataset, samples[ok]),
+        "sample_nfe": nfe, "sample_seconds": sample_seconds, "finite_fraction": float(ok.float().mean()),
+        "on_support": on_support(dataset, samples[ok]),
         "mmd_0.05": mmd(s2, ref) if len(s2) > 10 else float("nan"),
         "energy_distance": energy_distance(s2, ref) if len(s2) > 10 else float("nan"),
     }, samples
@@ -491,19 +495,22 @@ def official_grid(n: int, t_start: float, end: float, exp: float) -> torch.Tenso
 
 
 class PlainDiffFlow(torch.nn.Module):
-    """The in-run plain-PyTorch baseline of the quality comparison: DiffFlow trained as the
-    official code trains it (eq. 15 by naive backprop through a plain loop, as
-    :func:`plain_stepper`, with :data:`OFFICIAL_TRAINING`), sampled by its reverse SDE
-    (eq. 9, Euler–Maruyama on the same grid), and wrapped as a :class:`flowkit.Flow` only to
-    share the evaluation (PF-ODE NLL) with flowkit's runs."""
+    """The in-run plain-PyTorch baseline: DiffFlow's eq. 15 by naive backprop through a plain
+    loop on the time ``grid``, with the prior ``N(0, prior_std² I)`` — the timing part's
+    official-style step (:func:`plain_stepper`) and, trained with :data:`OFFICIAL_TRAINING`,
+    the quality comparison's baseline, sampled by its reverse SDE (eq. 9, Euler–Maruyama on the
+    same grid) and wrapped as a :class:`flowkit.Flow` only to share the evaluation (PF-ODE NLL)
+    with flowkit's runs."""
 
-    def __init__(self, drift, score, n: int, end: float, g: float):
+    def __init__(self, drift, score, grid: torch.Tensor, g: float, prior_std: float = 1.0):
         super().__init__()
-        self.drift, self.score, self.g = drift, score, g
-        o = OFFICIAL_TRAINING
-        self.register_buffer("grid", official_grid(n, o["t_start"], end, o["exp"]))
+        self.drift, self.score, self.g, self.prior_std = drift, score, g, float(prior_std)
+        self.register_buffer("grid", grid)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. 15 computed the way the official code's forward step does: each step evaluates
+        the drift at ``x_i`` (forward move) and drift and score at ``x_{i+1}`` (backward
+        residual), one scalar time per step; the prior term up to a constant."""
         g, grid = self.g, self.grid
         total = torch.zeros(x.shape[0])
         for i in range(len(grid) - 1):
@@ -512,7 +519,7 @@ class PlainDiffFlow(torch.nn.Module):
             back = self.drift(grid[i + 1], x_next) - g * g * self.score(grid[i + 1], x_next)
             total = total + 0.5 * ((x - x_next + back * dt) / (g * dt.sqrt())).pow(2).sum(1)
             x = x_next
-        return (total + 0.5 * x.pow(2).sum(1)).mean()  # − log N(x_N; 0, I) up to a constant
+        return (total + 0.5 * (x / self.prior_std).pow(2).sum(1)).mean()
 
     @torch.no_grad()
     def sample(self, n: int, seed: int, noise_seed: int, quiet_last: bool) -> torch.Tensor:
@@ -520,7 +527,7 @@ class PlainDiffFlow(torch.nn.Module):
         ``noise_seed``; ``quiet_last`` takes the last step without noise, as flowkit's
         ``euler_maruyama`` does by default for a model without a denoiser (the official
         sampler adds noise on every step)."""
-        x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+        x = self.prior_std * torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
         torch.manual_seed(noise_seed)
         g, grid = self.g, self.grid
         for i in range(len(grid) - 1, 0, -1):
@@ -537,7 +544,7 @@ class PlainDiffFlow(torch.nn.Module):
         def velocity(t, x, cond=None):
             return self.drift(t, x) - 0.5 * self.g**2 * self.score(t, x)
 
-        return flowkit.Flow(velocity=velocity, prior=StandardNormal((2,)), t0=float(self.grid[0]),
+        return flowkit.Flow(velocity=velocity, prior=StandardNormal((2,), self.prior_std), t0=float(self.grid[0]),
                             t1=float(self.grid[-1]))
 
 
@@ -545,18 +552,19 @@ def train_plain_official(recipe: dict, steps: int, path: Path) -> tuple[PlainDif
     """Train (or reload, when ``path`` holds the same configuration) :class:`PlainDiffFlow` on
     the recipe's data and networks with the official code's training settings. The cache key is
     the configuration, not the code: delete ``path`` after changing how the baseline trains."""
+    obj, o = recipe["objective"], OFFICIAL_TRAINING
     cfg = {"steps": steps, "batch": recipe["train"]["batch_size"], "data": recipe["data"],
-           "dynamics": recipe["dynamics"], **_objective_settings(recipe), **OFFICIAL_TRAINING}
+           "dynamics": recipe["dynamics"], "n": obj["steps"][-1], "end_time": obj["end_time"], "g": obj["g"],
+           **o}
     torch.manual_seed(0)
     built = flowkit.build(recipe)
-    obj = recipe["objective"]
-    model = PlainDiffFlow(built.objective.drift, built.objective.score, obj["steps"][-1], obj["end_time"], obj["g"])
+    grid = official_grid(cfg["n"], o["t_start"], cfg["end_time"], o["exp"])
+    model = PlainDiffFlow(built.objective.drift, built.objective.score, grid, cfg["g"])
     if path.is_file():
         saved = torch.load(path)
         if saved["config"] == cfg:
             model.load_state_dict(saved["model"])
             return model, {**saved["info"], "dataset": built.dataset}
-    o = OFFICIAL_TRAINING
     opt = torch.optim.Adam(model.parameters(), o["lr"])
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o["every"], gamma=o["gamma"])
     gen = torch.Generator().manual_seed(0)
@@ -579,31 +587,18 @@ def train_plain_official(recipe: dict, steps: int, path: Path) -> tuple[PlainDif
     return model, {**info, "dataset": built.dataset}
 
 
-def _objective_settings(recipe: dict) -> dict:
-    o = recipe["objective"]
-    return {"n": o["steps"][-1], "end_time": o["end_time"], "g": o["g"]}
-
-
 def evaluate_plain(model: PlainDiffFlow, dataset, args, quiet_last: bool) -> tuple[dict[str, Any], torch.Tensor]:
     """The official part's metrics for the plain baseline, with the test sets, prior seeds and
     reference sets of :func:`evaluate` and :func:`draw_metrics` (so its draws pair with
     flowkit's); ``quiet_last`` as in :meth:`PlainDiffFlow.sample`."""
-    x, _ = dataset.test_set(args.eval_n, seed=1234)
-    ev = EvalConfig(n=args.eval_n, batch_size=min(args.eval_n, 2000), divergence="exact", rtol=1e-5, atol=1e-5)
-    try:
-        nll = flowkit.evaluate_nll(model.flow(), x, ev)
-    except Exception as exc:  # a diverged model: report, keep going
-        nll = {"nll": float("nan"), "nll_sem": float("nan"), "nfe": float("nan"), "error": repr(exc)}
-    samples = model.sample(args.samples, seed=0, noise_seed=1, quiet_last=quiet_last)
-    ok = torch.isfinite(samples).all(1)
-    n = min(args.samples, 2000)
-    ref, _ = dataset.test_set(n, seed=77)
-    s2 = samples[ok][:n]
-    draws = draw_metrics(lambda m, k: model.sample(m, seed=50_000 + k, noise_seed=60_000 + k, quiet_last=quiet_last),
-                         dataset, args.draws, n)
-    return {"nll": nll["nll"], "nll_sem": nll["nll_sem"], "nll_nfe": nll["nfe"], "sample_nfe": len(model.grid) - 1,
-            "finite_fraction": float(ok.float().mean()), "on_support": on_support(dataset, samples[ok]),
-            "mmd_0.05": mmd(s2, ref), "energy_distance": energy_distance(s2, ref), **draws}, samples
+    steps = len(model.grid) - 1
+    metrics, samples = evaluate_flow(
+        dataset, model.flow(), lambda n: (model.sample(n, seed=0, noise_seed=1, quiet_last=quiet_last), steps),
+        args.eval_n, args.samples)
+    metrics.update(draw_metrics(
+        lambda m, k: model.sample(m, seed=50_000 + k, noise_seed=60_000 + k, quiet_last=quiet_last),
+        dataset, args.draws, min(args.samples, 2000)))
+    return metrics, samples
 
 
 def evaluate_official_run(run: Path, args, png: Optional[Path] = None,
@@ -778,8 +773,7 @@ def official_markdown(o: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     gaps = {}
     for label, r in o["rows"].items():
-        eds = r.get("energy_distance_draws") or [r["energy_distance"]] * 2
-        mms = r.get("mmd_draws") or [r["mmd_0.05"]] * 2
+        eds, mms = r["energy_distance_draws"], r["mmd_draws"]
         ge, se_e = _gap(eds, f["energy_distance_draws"])
         gm, se_m = _gap(mms, f["mmd_draws"])
         gaps[label] = (ge, se_e, gm, se_m)
@@ -829,10 +823,9 @@ def compare_rows(a: dict, b: dict, n_samples: int) -> list[str]:
     se = math.sqrt(pa * (1 - pa) / n_samples + pb * (1 - pb) / n_samples)
     out.append(f"on-support {pa:.3f} vs {pb:.3f} ({_verdict(pa - pb, se, lower_is_better=False)})")
     for name, key in (("energy distance", "energy_distance_draws"), ("MMD²", "mmd_draws")):
-        if a.get(key) and b.get(key):
-            d, se = _paired(a[key], b[key])
-            out.append(f"{name} {statistics.mean(a[key]):.1e} vs {statistics.mean(b[key]):.1e} "
-                       f"(paired difference {d:+.1e} ± {se:.1e}: {_verdict(d, se)})")
+        d, se = _paired(a[key], b[key])
+        out.append(f"{name} {statistics.mean(a[key]):.1e} vs {statistics.mean(b[key]):.1e} "
+                   f"(paired difference {d:+.1e} ± {se:.1e}: {_verdict(d, se)})")
     return out
 
 
