@@ -12,7 +12,7 @@ Example:
 
 from .components import COUPLINGS, DATASETS, DYNAMICS, OBJECTIVES, PATHS, SAMPLERS, SDES
 from .registry import Registry, RegistryError, all_registries
-from .flow import Flow, StandardNormal, guided
+from .flow import FieldError, Flow, NonFiniteFieldError, StandardNormal, guided
 from .divergence import divergence, sample_probe
 from .likelihood import bits_per_dim, flow_log_likelihood, log_likelihood
 from . import data, data_real, paths  # noqa: F401  (register datasets, SDEs and paths)
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DYNAMICS", "OBJECTIVES", "SAMPLERS", "DATASETS", "SDES", "PATHS", "COUPLINGS",
     "Registry", "RegistryError", "all_registries", "Flow", "StandardNormal", "guided",
+    "FieldError", "NonFiniteFieldError",
     "divergence", "sample_probe", "log_likelihood", "flow_log_likelihood", "bits_per_dim", "odeint",
     "RecipeError", "load_recipe", "apply_overrides", "validate", "build", "train",
     "TrainingDiverged", "load_run", "evaluate_nll", "generate", "sample_metrics",

@@ -1,14 +1,18 @@
 """``flowkit`` command line: list, check, train, sample, nll, compare.
 
-User errors (bad recipe, missing run directory, diverged training) print one clear
-message and exit with status 2 (3 for a diverged run) — no traceback.
+User errors (bad recipe, bad argument, missing or busy run directory, unreadable
+checkpoint, full disk) print one clear message and exit with status 2, a diverged run with
+3 — no traceback. Ctrl-C exits with 130 and SIGTERM (what schedulers send) with 143, both
+leaving the last checkpoint intact.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,16 +43,29 @@ def _cmd_check(args) -> int:
     return 0
 
 
+class ArgumentError(ValueError):
+    """A command-line argument that cannot work; the message names it."""
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler so that a terminated command unwinds like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def _cmd_train(args) -> int:
     import flowkit
 
     out = Path(args.out)
-    if args.resume and (out / "checkpoints").is_dir():
-        recipe = {}  # a resumed run continues with the recipe saved in its checkpoint
-    else:
-        recipe = flowkit.load_recipe(args.recipe)
-        flowkit.validate(flowkit.apply_overrides(recipe, args.overrides, str(args.recipe)), str(args.recipe))
-    result = flowkit.train(recipe, out, overrides=args.overrides, resume=args.resume,
+    # On --resume the file is compared with the run's saved recipe: settings that may change
+    # take effect, the others are refused with the differing keys.
+    if args.resume and not Path(args.recipe).is_file() and (out / "recipe.yaml").is_file():
+        raise ArgumentError(f"{args.recipe}: no such file; to continue the run with its own recipe, "
+                            f"pass {out / 'recipe.yaml'}")
+    recipe = flowkit.load_recipe(args.recipe)
+    result = flowkit.train(recipe, out, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite,
                            source=str(args.recipe), progress=not args.no_progress)
     last = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.last_metrics.items()
             if k in ("step", "loss", "nll", "nfe", "nfe_backward", "it_per_s")}
@@ -67,7 +84,39 @@ def _parse_cond(value: Optional[str]):
         return torch.tensor([float(v) for v in value.split(",")])
 
 
+def _check_run(run: str) -> None:
+    path = Path(run)
+    if not path.exists():
+        raise ArgumentError(f"run directory {run} does not exist")
+    if not path.is_dir():
+        raise ArgumentError(f"{run} is a file, not a run directory (give the directory passed to train --out)")
+
+
+def _check_count(name: str, value: Optional[int]) -> None:
+    if value is not None and value <= 0:
+        raise ArgumentError(f"{name} must be a positive integer, got {value}")
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` of ``sample``: a .png or .npy file whose directory can be written."""
+    if out.suffix not in (".png", ".npy"):
+        raise ArgumentError(f"--out {out}: must end in .png (also writes .npy) or .npy, got "
+                            f"{out.suffix or 'no suffix'}")
+    if out.is_dir():
+        raise ArgumentError(f"--out {out} is a directory; give a file name ending in .png or .npy")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArgumentError(f"--out {out}: cannot create directory {out.parent} ({exc.strerror or exc})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ArgumentError(f"--out {out}: directory {out.parent} is not writable")
+
+
 def _cmd_sample(args) -> int:
+    out = Path(args.out)
+    _check_count("--n", args.n)  # every argument before any work
+    _check_run(args.run)
+    _check_out(out)  # last: it creates the output's directory
     import numpy as np
     import torch
     import flowkit
@@ -83,8 +132,6 @@ def _cmd_sample(args) -> int:
         base = sampler
         sampler = lambda f, x, cond=None: base(f, x, cond=cond, guidance=args.guidance)  # noqa: E731
     res = flowkit.generate(flow, sampler, args.n, cond=cond, seed=args.seed, device=args.device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     x = res.x.cpu()
     if out.suffix == ".npy":
         np.save(out, x.numpy())
@@ -97,14 +144,14 @@ def _cmd_sample(args) -> int:
 
             plot_image_grid(x, out, dataset=built.dataset)
         np.save(out.with_suffix(".npy"), x.numpy())
-    else:
-        raise ValueError(f"--out must end in .png or .npy, got {out.name}")
     print(f"wrote {args.n} samples to {out} (NFE {res.nfe}, sampler {getattr(built.sampler, 'name', '?')})")
     return 0
 
 
 def _cmd_nll(args) -> int:
-    import torch
+    _check_count("--n", args.n)
+    _check_count("--batch-size", args.batch_size)
+    _check_run(args.run)
     import flowkit
     from dataclasses import replace
 
@@ -144,8 +191,9 @@ def _cmd_nll(args) -> int:
 def _cmd_compare(args) -> int:
     from flowkit.compare import compare
 
+    _check_count("--samples", args.samples)
     rows = compare(args.recipes, args.out, overrides=args.set or [], objectives=args.objectives,
-                   samples=args.samples)
+                   samples=args.samples, overwrite=args.overwrite)
     print((Path(args.out) / "compare.md").read_text())
     print(f"wrote {args.out}/compare.md, compare.csv and samples.png")
     return 0 if any(r.get("status") == "ok" for r in rows) else 1
@@ -166,7 +214,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=2000")
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace the run in --out (its recipe, metrics, checkpoints and samples)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=_cmd_train)
 
@@ -197,6 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--set", nargs="*", help="overrides applied to every run, e.g. train.steps=500")
     m.add_argument("--out", required=True)
     m.add_argument("--samples", type=int, default=2000)
+    m.add_argument("--overwrite", action="store_true", help="train again runs that --out already holds")
     m.set_defaults(fn=_cmd_compare)
     return p
 
@@ -211,28 +263,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if extra:
         args.overrides = list(getattr(args, "overrides", [])) + extra
     from flowkit.checkpoint import RunDirectoryError
+    from flowkit.flow import FieldError, NonFiniteFieldError
     from flowkit.recipe import RecipeError
     from flowkit.registry import RegistryError
-    from flowkit.train import TrainingDiverged
+    from flowkit.train import LaunchError, TrainingDiverged
 
+    kept = "; the last checkpoint is intact (use --resume)" if args.command == "train" else ""
+    previous = _install_sigterm()
     try:
         return args.fn(args)
     except RecipeError as exc:
         print(f"flowkit {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (RunDirectoryError, RegistryError) as exc:
+    except (RunDirectoryError, RegistryError, ArgumentError, LaunchError) as exc:
         print(f"flowkit {args.command}: {exc}", file=sys.stderr)
         return 2
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, NonFiniteFieldError) as exc:  # a model that went non-finite
         print(f"flowkit {args.command}: {exc}", file=sys.stderr)
         return 3
+    except FieldError as exc:  # e.g. an override that makes the model's output the wrong shape
+        print(f"flowkit {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"flowkit {args.command}: interrupted; the last checkpoint is intact (use --resume)",
-              file=sys.stderr)
+        print(f"flowkit {args.command}: interrupted{kept}", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"flowkit {args.command}: terminated{kept}", file=sys.stderr)
+        return 128 + int(signal.SIGTERM)
     except BrokenPipeError:  # `flowkit list | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at interpreter exit
         return 0
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"flowkit {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _install_sigterm() -> object:
+    """Handle SIGTERM like Ctrl-C (main thread only); returns the handler to restore."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
 
 
 if __name__ == "__main__":

@@ -37,23 +37,38 @@ def expand_runs(recipes: Sequence[str], objectives: Optional[str] = None) -> lis
 
 def compare(recipes: Sequence[str], out: str | Path, *, overrides: Sequence[str] = (),
             objectives: Optional[str] = None, eval_cfg: Optional[EvalConfig] = None,
-            samples: int = 2000, log=print) -> list[dict]:
-    """Train every run, evaluate all with one evaluator, write the table and picture."""
+            samples: int = 2000, overwrite: bool = False, log=print) -> list[dict]:
+    """Train every run, evaluate all with one evaluator, write the table and picture.
+
+    Each run trains into ``out/<name>``; where one of them already holds a run, nothing is
+    trained unless ``overwrite`` (then each run replaces its own directory).
+
+    Raises:
+        flowkit.recipe.RecipeError: a recipe is invalid (nothing is trained).
+        flowkit.rundir.RunExists: ``out`` already holds runs of these names.
+    """
     import flowkit
     from .plotting import plot_grid
+    from .rundir import RunExists, check_run_dir_path, run_contents
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_run_dir_path(out)
     runs = expand_runs(recipes, objectives)
     for name, path, extra in runs:  # fail fast on invalid recipes, before any training
         flowkit.validate(load_recipe(path, [*extra, *overrides]), str(path))
+    taken = [name for name, _, _ in runs if run_contents(out / name)]
+    if taken and not overwrite:
+        raise RunExists(f"{out} already holds the runs {', '.join(taken)}; use a new --out directory, "
+                        "or --overwrite to train them again")
+    out.mkdir(parents=True, exist_ok=True)
     rows, panels, reference = [], [], None
     for name, path, extra in runs:
         run_dir = out / name
         log(f"[compare] training {name} ({path})")
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "flowkit.cli", "train", str(path), *extra, *overrides,
-                               "--out", str(run_dir), "--no-progress"], capture_output=True, text=True)
+                               "--out", str(run_dir), "--no-progress", *(["--overwrite"] if overwrite else [])],
+                              capture_output=True, text=True)
         seconds = time.perf_counter() - start
         row: dict = {"run": name, "recipe": str(path), "train_seconds": round(seconds, 1)}
         if proc.returncode != 0:

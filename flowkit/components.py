@@ -10,6 +10,13 @@ registry       recipe section        what a component is
 ``SDES``       ``objective.sde``     forward SDE / Gaussian path (diffusion)
 ``PATHS``      ``objective.path``    Gaussian probability path (flow matching)
 =============  ====================  ==========================================
+
+What a component accepts is declared, not probed: its constructor's annotations give each
+argument's type and range (:mod:`flowkit.constraints`, e.g. ``steps: PositiveInt``), an
+objective's ``provides`` and a sampler's ``needs`` name the parts of the flow
+(:data:`flowkit.samplers.base.FLOW_PARTS`), and ``argument_rules`` the combinations that
+cannot work. :func:`flowkit.recipe.validate` checks a recipe against all of them, and
+``Registry.arguments(name)`` lists them.
 """
 
 from __future__ import annotations

@@ -1,54 +1,87 @@
-"""Plain settings of the ``train`` and ``eval`` recipe sections."""
+"""Plain settings of the ``train`` and ``eval`` recipe sections.
+
+Every numeric setting declares its range in its annotation (:mod:`flowkit.constraints`);
+:func:`flowkit.recipe.validate` checks a recipe against them before anything runs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
+
+from .constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, Rule, Seed
+from .samplers.ode import ODEMethod, fixed_step_needs_steps
 
 __all__ = ["TrainConfig", "EvalConfig"]
 
 
 @dataclass
 class TrainConfig:
-    """The ``train`` section. Every objective trains through the same loop."""
+    """The ``train`` section. Every objective trains through the same loop.
 
-    steps: int = 1000
-    batch_size: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    Attributes:
+        steps: optimiser steps (≥ 1).
+        batch_size: samples per step over all processes (≥ 1).
+        lr: peak learning rate (> 0); weight_decay (≥ 0).
+        schedule, warmup: learning-rate schedule after ``warmup`` (≥ 0) linear warm-up steps.
+        grad_clip: clip the gradient norm to this (0: off).
+        grad_accum: micro-batches per optimiser step (≥ 1).
+        ema: decay of the weights' exponential moving average, in ``[0, 1)`` (0: off).
+        seed: random seed (``0 … 2³² − 1``); threads: CPU threads (0: torch's default).
+        log_every (≥ 1), eval_every, checkpoint_every, sample_every (0: never): intervals in steps.
+        keep_checkpoints: how many checkpoints to keep (0: all).
+        trackers: accelerate trackers (``[tensorboard]``, ...).
+    """
+
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 100
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0
     optimizer: Literal["adam", "adamw"] = "adam"
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup: int = 0
-    grad_clip: float = 0.0
-    grad_accum: int = 1
-    ema: float = 0.0
+    warmup: NonNegativeInt = 0
+    grad_clip: NonNegativeFloat = 0.0
+    grad_accum: PositiveInt = 1
+    ema: Annotated[float, Range(0, 1, hi_open=True)] = 0.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
-    threads: int = 0
+    seed: Seed = 0
+    threads: NonNegativeInt = 0
     tune_allocator: bool = True
     cpu: bool = False
-    log_every: int = 10
-    eval_every: int = 0
-    checkpoint_every: int = 200
-    sample_every: int = 0
-    keep_checkpoints: int = 2
-    trackers: list = field(default_factory=list)
+    log_every: PositiveInt = 10
+    eval_every: NonNegativeInt = 0
+    checkpoint_every: NonNegativeInt = 200
+    sample_every: NonNegativeInt = 0
+    keep_checkpoints: NonNegativeInt = 2
+    trackers: list[str] = field(default_factory=list)
 
 
 @dataclass
 class EvalConfig:
-    """The ``eval`` section: how ``flowkit nll`` and periodic evaluation run."""
+    """The ``eval`` section: how ``flowkit nll`` and periodic evaluation run.
 
-    n: int = 20000
-    batch_size: int = 5000
-    seed: int = 1234
+    Attributes:
+        n: test points (≥ 1); batch_size: points per solve (≥ 1); seed: as for ``train``.
+        divergence, noise, n_probes: exact trace, or Hutchinson's estimate with ``n_probes``
+            (≥ 1) probes of the given noise.
+        method, rtol, atol, steps: the ODE solver (:data:`flowkit.samplers.ode.ODEMethod`);
+            tolerances > 0; a fixed-step method needs ``steps`` (≥ 1).
+        per_sample_norm: per-sample adaptive error norm.
+        metrics, metric_samples: sample-quality metrics on ``metric_samples`` (≥ 1) samples.
+    """
+
+    n: PositiveInt = 20000
+    batch_size: PositiveInt = 5000
+    seed: Seed = 1234
     divergence: Literal["exact", "hutchinson"] = "exact"
     noise: Literal["rademacher", "gaussian"] = "rademacher"
-    n_probes: int = 1
-    method: str = "dopri5"
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    steps: Optional[int] = None
+    n_probes: PositiveInt = 1
+    method: ODEMethod = "dopri5"
+    rtol: PositiveFloat = 1e-5
+    atol: PositiveFloat = 1e-5
+    steps: Optional[PositiveInt] = None
     per_sample_norm: bool = True
     metrics: bool = True
-    metric_samples: int = 2000
+    metric_samples: PositiveInt = 2000
+
+    argument_rules: ClassVar[tuple[Rule, ...]] = (fixed_step_needs_steps,)

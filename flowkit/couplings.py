@@ -69,6 +69,7 @@ import torch
 from torch import Tensor
 
 from .components import COUPLINGS
+from .constraints import PositiveFloat, PositiveInt
 
 try:  # the C solver, built at install time where a compiler exists (setup.py)
     from . import _auction as _compiled
@@ -639,7 +640,8 @@ class ExactOT(Coupling):
             ε-scaling auction in torch); see :func:`optimal_assignment`.
     """
 
-    def __init__(self, tol: float = 1e-7, method: Literal["auto", "compiled", "ipm", "auction"] = "auto") -> None:
+    def __init__(self, tol: PositiveFloat = 1e-7,
+                 method: Literal["auto", "compiled", "ipm", "auction"] = "auto") -> None:
         if not tol > 0:
             raise ValueError(f"tol must be positive, got {tol}")
         if method not in ASSIGNMENT_METHODS:
@@ -671,7 +673,7 @@ class Sinkhorn(Coupling):
         max_iter, tol: Sinkhorn stopping rule (see :func:`sinkhorn_potentials`).
     """
 
-    def __init__(self, reg: float = 0.5, max_iter: int = 500, tol: float = 1e-4) -> None:
+    def __init__(self, reg: PositiveFloat = 0.5, max_iter: PositiveInt = 500, tol: PositiveFloat = 1e-4) -> None:
         if not reg > 0:
             raise ValueError(f"reg must be positive, got {reg}")
         if max_iter < 1 or not tol > 0:

@@ -32,6 +32,12 @@ deterministic, evenly spaced angles per batch (``moons``, ``circles``, ``rings``
 splits a batch into exactly equal halves (``2spirals``), we draw angles and
 component labels i.i.d., which samples the same limiting distribution.
 
+Settings are declared in each constructor's annotations (:mod:`flowkit.constraints`), so
+``flowkit check`` refuses an out-of-range value before anything is built, and
+:func:`check_declared` refuses the same values when a dataset is built from Python.
+Unusable data or settings raise :class:`DataError`: one line naming the file or the recipe
+key and what to do; ``flowkit`` turns it into exit status 2 without a traceback.
+
 References:
     Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud. "FFJORD: Free-form Continuous
     Dynamics for Scalable Reversible Generative Models." ICLR 2019.
@@ -51,15 +57,25 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Literal, Optional
+import numbers
+import types
+import typing
+from typing import Annotated, Any, Callable, Literal, Optional, TypeVar
 
 import torch
 from torch import Tensor
 
 from .components import DATASETS
+from .constraints import (AtLeast, FiniteFloat, NonNegativeFloat, PositiveFloat, PositiveInt, Range, Seed,
+                          constraints_of)
+from .recipe import RecipeError
 
 __all__ = [
+    "DataError",
+    "check_declared",
     "Dataset",
     "SyntheticDataset",
     "Standardized",
@@ -82,6 +98,74 @@ __all__ = [
 
 _F32 = torch.float32
 Batch = tuple[Tensor, Optional[Tensor]]
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class DataError(RecipeError):
+    """The data or a data setting of a recipe cannot be used as it is.
+
+    The message is one line: where (the file and row, or the recipe key), what is wrong
+    and what to do, e.g. ``t.csv: data.column: no column 'x'; available columns: a, b``.
+    Being a :class:`~flowkit.recipe.RecipeError`, it makes ``flowkit`` exit with status 2
+    and no traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__([message], "data")
+        self.args = (message,)  # one line, not the recipe report's "1 problem in ..." heading
+
+
+def _declared_problem(value: Any, hint: Any) -> Optional[str]:
+    """What is wrong with ``value`` under an annotation (numbers and literals), or None."""
+    base, marks = constraints_of(hint)
+    origin = typing.get_origin(base)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        options = [a for a in typing.get_args(base) if a is not type(None)]
+        problems = [_declared_problem(value, a) for a in options]
+        return None if None in problems else problems[0]
+    if origin is Literal:
+        choices = typing.get_args(base)
+        return None if value in choices else f"must be one of {', '.join(map(str, choices))}"
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            return "must be an integer"
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return "must be a finite number"
+    else:
+        return None
+    for mark in marks:
+        if not mark.check(value):
+            return f"must be {mark.describe()}"
+    return None
+
+
+def check_declared(init: _Init) -> _Init:
+    """Check a constructor's arguments against the constraints its annotations declare.
+
+    :func:`flowkit.recipe.validate` reads the same annotations before anything is built;
+    this decorator applies them when a dataset is built from Python, raising
+    :class:`DataError` (``data.depth: must be >= 1, got 0 (Sierpinski)``).
+    """
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        hints = typing.get_type_hints(init, include_extras=True)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        for name, value in list(bound.arguments.items())[1:]:
+            problem = _declared_problem(value, hints[name]) if name in hints else None
+            if problem:
+                raise DataError(f"data.{name}: {problem}, got {value!r} ({type(self).__name__})")
+        init(self, *args, **kwargs)
+
+    return checked  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- interface
@@ -172,20 +256,23 @@ class Standardized(Dataset):
 
     nested = {"data": DATASETS}
 
-    def __init__(self, data: Dataset, reference: int = 100_000, seed: int = 0) -> None:
+    @check_declared
+    def __init__(self, data: Dataset, reference: Annotated[int, AtLeast(2)] = 100_000, seed: Seed = 0) -> None:
         if not isinstance(data, Dataset):
             raise TypeError(f"data must be a flowkit dataset, got {type(data).__name__}")
         if data.discrete:
-            raise ValueError("standardized takes continuous data; image sets are dequantised and "
-                             "rescaled by their own loaders")
-        if int(reference) != reference or reference < 2:
-            raise ValueError(f"reference must be an integer >= 2, got {reference!r}")
+            raise DataError("data.data: standardized takes continuous data; image sets are dequantised and "
+                            "rescaled by their own loaders (use the image set without standardized)")
         self.data = data
         x, _ = data.test_set(int(reference), seed=seed)
         flat = x.double().flatten(1)
         self.mean, self.std = flat.mean(0), flat.std(0)
+        if not bool(torch.isfinite(flat).all()):
+            raise DataError(f"data.data: {type(data).__name__} gave non-finite values; check its settings")
         if not bool((self.std > 0).all()):
-            raise ValueError("standardized: a coordinate of the data is constant (zero std)")
+            j = int((self.std > 0).logical_not().nonzero()[0])
+            raise DataError(f"data.data: coordinate {j} of {type(data).__name__} is constant (zero std), "
+                            "so standardized cannot rescale it; check the inner set's settings")
         self.shape, self.num_classes = data.shape, data.num_classes
         self.log_std_sum = float(self.std.log().sum())
 
@@ -237,16 +324,10 @@ def get_dataset(name: str, **kwargs: object) -> Dataset:
 
 
 def _check_n(n: int) -> int:
-    if int(n) != n or n < 1:
+    integral = isinstance(n, numbers.Integral) or (isinstance(n, float) and n.is_integer())
+    if isinstance(n, bool) or not integral or n < 1:
         raise ValueError(f"number of samples must be a positive integer, got {n!r}")
     return int(n)
-
-
-def _positive(name: str, value: float, allow_zero: bool = False) -> float:
-    if not (value >= 0 if allow_zero else value > 0) or not math.isfinite(value):
-        bound = "≥ 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-    return float(value)
 
 
 def _rand(g: torch.Generator, *shape: int) -> Tensor:
@@ -458,8 +539,9 @@ class RadialRings(SyntheticDataset):
         radius_std: standard deviation of the radius.
     """
 
-    def __init__(self, centres: Tensor, radii: Tensor, radius_std: float) -> None:
-        self.radius_std = _positive("radius_std", radius_std, allow_zero=True)
+    @check_declared
+    def __init__(self, centres: Tensor, radii: Tensor, radius_std: NonNegativeFloat) -> None:
+        self.radius_std = float(radius_std)
         self.centres = centres.to(_F32)
         self.radii = radii.to(_F32)
         self.num_classes = len(self.radii)
@@ -496,11 +578,9 @@ class OlympicRings(RadialRings):
     centre_list = ((-2.2, 0.5), (0.0, 0.5), (2.2, 0.5), (-1.1, -0.5), (1.1, -0.5))
     official_centre_list = ((-1.75, 0.75), (0.0, 0.75), (1.75, 0.75), (-1.05, -0.75), (1.05, -0.75))
 
-    def __init__(self, radius: float = 1.0, radius_std: float = 0.001,
+    @check_declared
+    def __init__(self, radius: PositiveFloat = 1.0, radius_std: NonNegativeFloat = 0.001,
                  layout: Literal["flowkit", "official"] = "flowkit") -> None:
-        radius = _positive("radius", radius)
-        if layout not in ("flowkit", "official"):
-            raise ValueError(f"layout must be 'flowkit' or 'official', got {layout!r}")
         centres = self.centre_list if layout == "flowkit" else self.official_centre_list
         super().__init__(torch.tensor(centres), torch.full((5,), radius), radius_std)
 
@@ -515,7 +595,8 @@ class ConcentricRings(RadialRings):
 
     radius_list = (1.0, 2.0, 3.0)
 
-    def __init__(self, radius_std: float = 0.001) -> None:
+    @check_declared
+    def __init__(self, radius_std: NonNegativeFloat = 0.001) -> None:
         super().__init__(torch.zeros(3, 2), torch.tensor(self.radius_list), radius_std)
 
 
@@ -533,9 +614,8 @@ class Sierpinski(SyntheticDataset):
         depth: number of recursion levels (≥ 1).
     """
 
-    def __init__(self, depth: int = 4) -> None:
-        if int(depth) != depth or depth < 1:
-            raise ValueError(f"depth must be a positive integer, got {depth!r}")
+    @check_declared
+    def __init__(self, depth: PositiveInt = 4) -> None:
         self.depth = int(depth)
         cells = [(i, j) for i in range(3) for j in range(3) if (i, j) != (1, 1)]
         self.cells = torch.tensor(cells, dtype=torch.float64)  # [8, 2]
@@ -571,19 +651,16 @@ class FractalTree(SyntheticDataset):
     to its length, a uniform point along it, and adds ``noise · N(0, I)``.
 
     Args:
-        depth: number of levels, trunk included (≥ 1).
+        depth: number of levels, trunk included (1 to 20; ``2^depth − 1`` branches are built).
         noise: standard deviation of the isotropic Gaussian noise.
         angle: branching angle in degrees.
         ratio: length of a child branch relative to its parent, in (0, 1].
     """
 
-    def __init__(self, depth: int = 7, noise: float = 0.02, angle: float = 30.0,
-                 ratio: float = 0.7) -> None:
-        if int(depth) != depth or depth < 1:
-            raise ValueError(f"depth must be a positive integer, got {depth!r}")
-        self.noise = _positive("noise", noise, allow_zero=True)
-        if not 0 < ratio <= 1:
-            raise ValueError(f"ratio must lie in (0, 1], got {ratio!r}")
+    @check_declared
+    def __init__(self, depth: Annotated[int, Range(1, 20)] = 7, noise: NonNegativeFloat = 0.02,
+                 angle: FiniteFloat = 30.0, ratio: Annotated[float, Range(0, 1, lo_open=True)] = 0.7) -> None:
+        self.noise = float(noise)
         turn = math.radians(angle)
         starts, ends = [], []
         level = [((0.0, 0.0), math.pi / 2, 1.0)]  # (start, direction, length), unit trunk
@@ -635,13 +712,9 @@ class GaussianMixture(SyntheticDataset):
         mixing: ``"equal"`` weights ``1/K`` or ``"random"`` Dirichlet(1) weights.
     """
 
-    def __init__(self, dim: int = 2, components: int = 4, seed: int = 0,
+    @check_declared
+    def __init__(self, dim: PositiveInt = 2, components: PositiveInt = 4, seed: Seed = 0,
                  mixing: Literal["equal", "random"] = "equal") -> None:
-        for name, value in (("dim", dim), ("components", components)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if mixing not in ("equal", "random"):
-            raise ValueError(f"mixing must be 'equal' or 'random', got {mixing!r}")
         dim, k = int(dim), int(components)
         self.shape = (dim,)
         self.num_classes = k

@@ -11,33 +11,48 @@ through :meth:`Dataset.model_log_det`, so bits/dim always refer to the original 
 
 Everything here works offline from local files; a hub name fails at once when the hub is
 unreachable, saying how to point the recipe at local files.
+
+Data are checked when the dataset is built, before any training step: a missing column,
+a cell that is not a number, an empty or non-finite cell, an empty table, an image that
+cannot be decoded or differs in size from the others all raise
+:class:`~flowkit.data.DataError`, one line naming the file, the row and the column. Rows
+are counted from 1; in a CSV file they are data rows after the header, and the file's
+line number is given too (``t.csv data row 3 (line 4)``).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
+import re
 import socket
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .components import DATASETS
-from .data import Dataset
-from .recipe import RecipeError
+from .constraints import PositiveInt, Range
+from .data import DataError, Dataset, check_declared
 
 __all__ = ["QuantisedImages", "Digits", "HFDataset", "TabularArrays", "DataUnavailable",
            "dequantise", "logit_transform", "load_maf"]
 
 
-class DataUnavailable(RecipeError):
+class DataUnavailable(DataError):
     """Data named by a recipe cannot be loaded (missing file, offline hub)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__([message], "data")
+
+#: a share of the data held out: strictly between 0 and 1
+Fraction = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]
+#: the logit transform's λ: in (0, 1/2), so that ``λ + (1 − 2λ) x`` stays inside (0, 1)
+LogitAlpha = Annotated[float, Range(0, 0.5, lo_open=True, hi_open=True)]
 
 
 def dequantise(k: Tensor, levels: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -116,7 +131,8 @@ class Digits(QuantisedImages):
         alpha: the logit transform's λ.
     """
 
-    def __init__(self, test_fraction: float = 0.2, logit: bool = False, alpha: float = 1e-6) -> None:
+    @check_declared
+    def __init__(self, test_fraction: Fraction = 0.2, logit: bool = False, alpha: LogitAlpha = 1e-6) -> None:
         try:
             from sklearn.datasets import load_digits
         except ImportError:  # pragma: no cover
@@ -126,6 +142,9 @@ class Digits(QuantisedImages):
         labels = torch.as_tensor(bunch.target, dtype=torch.long)
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
         n_test = int(round(test_fraction * len(images)))
+        if not 0 < n_test < len(images):
+            raise DataError(f"data.test_fraction: {test_fraction} of {len(images)} images holds out {n_test}; "
+                            "choose a fraction that leaves images on both sides")
         test, train = perm[:n_test], perm[n_test:]
         super().__init__(images[train], images[test], levels=17, train_labels=labels[train],
                          test_labels=labels[test], logit=logit, alpha=alpha, num_classes=10)
@@ -141,103 +160,467 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hf(path: str, split: str):
+# --------------------------------------------------------------------------- tables: reading
+
+
+@dataclass
+class _Table:
+    """One split as a data frame, with the file (or hub split) each run of its rows came from."""
+
+    frame: Any  # pandas.DataFrame
+    source: str  # the file, folder or hub name, for messages
+    parts: list[tuple[str, int, bool]]  # (file, number of rows, whether it has a header line)
+    image_columns: tuple[str, ...] = ()
+    class_names: dict[str, list[str]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def row(self, i: int) -> str:
+        """Where the 0-based row ``i`` is: ``t.csv data row 3 (line 4)``, ``t.parquet row 3``."""
+        for name, n, header in self.parts:
+            if i < n:
+                return f"{name} data row {i + 1} (line {i + 2})" if header else f"{name} row {i + 1}"
+            i -= n
+        return f"{self.source} row {i + 1}"  # pragma: no cover - parts cover every row
+
+
+_TABLE_FORMATS = {".csv": "CSV", ".parquet": "parquet", ".json": "JSON", ".jsonl": "JSON"}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _holds_images(column: Any) -> bool:
+    """A column of ``{bytes, path}`` records: how HF ``datasets`` stores images in parquet."""
+    values = column.dropna()
+    return len(values) > 0 and isinstance(values.iloc[0], dict) and {"bytes", "path"} <= set(values.iloc[0])
+
+
+def _read_file(file: Path) -> _Table:
+    """A CSV, parquet or JSON (lines) file as a table; any reading problem is a :class:`DataError`."""
+    import pandas as pd
+
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".csv":  # index_col=False: never take the first column as a row index
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                frame = pd.read_csv(file, index_col=False)
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(file)
+        else:
+            with open(file, "rb") as fh:
+                records = fh.read(4096).lstrip().startswith(b"[")
+            frame = pd.read_json(file, lines=suffix == ".jsonl" or not records)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{file}: data.path: the file is empty; it needs a header line and data rows") from None
+    except pd.errors.ParserWarning:
+        raise DataError(f"{file}: data.path: rows hold more fields than the header line names; "
+                        "add the missing column names to the header") from None
+    except (ValueError, OSError) as exc:  # parser, arrow and decoding errors are ValueError / OSError
+        raise DataError(f"{file}: data.path: cannot read it as {_TABLE_FORMATS[suffix]} ({_first_line(exc)}); "
+                        "check the file or export it again") from None
+    images = tuple(str(c) for c in frame.columns if _holds_images(frame[c]))
+    names = _parquet_class_names(file) if suffix == ".parquet" else {}
+    return _Table(frame, str(file), [(str(file), len(frame), suffix == ".csv")], images, names)
+
+
+def _parquet_class_names(file: Path) -> dict[str, list[str]]:
+    """Class names of ``ClassLabel`` columns that HF ``datasets`` records in a parquet schema."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(file).metadata or {}
+    try:
+        features = json.loads(meta.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    except ValueError:  # not HF metadata: no names
+        return {}
+    return {k: list(f["names"]) for k, f in features.items()
+            if isinstance(f, dict) and f.get("_type") == "ClassLabel" and "names" in f}
+
+
+def _concat(tables: list[_Table], source: str) -> _Table:
+    import pandas as pd
+
+    first = tables[0]
+    for table in tables[1:]:
+        if list(table.frame.columns) != list(first.frame.columns):
+            raise DataError(f"{table.source}: data.path: its columns ({', '.join(map(str, table.frame.columns))}) "
+                            f"differ from {first.source}'s ({', '.join(map(str, first.frame.columns))}); "
+                            "every file of a folder needs the same columns")
+    if len(tables) == 1:
+        return first
+    frame = pd.concat([t.frame for t in tables], ignore_index=True)
+    return _Table(frame, source, [part for t in tables for part in t.parts], first.image_columns)
+
+
+def _split_files(root: Path, files: list[Path], split: str,
+                 test_split: Optional[str]) -> tuple[list[Path], list[Path]]:
+    """Files named for ``split`` / ``test_split`` (a word of the relative path, e.g.
+    ``train.csv``, ``test/part-0.parquet``); with none so named, every file is training data."""
+
+    def words(p: Path) -> set[str]:
+        return set(re.split(r"[\W_]+", str(p.relative_to(root).with_suffix("")).lower()))
+
+    test = [p for p in files if test_split and test_split.lower() in words(p)]
+    train = [p for p in files if p not in test and split.lower() in words(p)]
+    if not test and not train:
+        return files, []
+    if not train:
+        raise DataError(f"{root}: data.split: no file is named for split {split!r} (files: "
+                        f"{', '.join(str(p.relative_to(root)) for p in files)}); rename the training files or "
+                        "set data.split")
+    rest = [p for p in files if p not in test and p not in train]
+    if rest:
+        raise DataError(f"{root}: data.path: {rest[0].relative_to(root)} is named for neither split {split!r} nor "
+                        f"{test_split!r}; rename or move it, or set data.split / data.test_split")
+    return train, test
+
+
+def _hf_table(load: Callable[[], Any], source: str) -> _Table:
+    """A HF ``datasets`` split as a table, images left encoded (decoded by :func:`_images`)."""
+    import datasets
+
+    ds = load()
+    images = tuple(k for k, f in ds.features.items() if isinstance(f, datasets.Image))
+    for k in images:
+        ds = ds.cast_column(k, datasets.Image(decode=False))
+    names = {k: list(f.names) for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
+    return _Table(ds.to_pandas(), source, [(source, len(ds), False)], images, names)
+
+
+def _load_splits(path: str, split: str, test_split: Optional[str]) -> tuple[_Table, Optional[_Table]]:
+    """The training table and, when the data have one, the held-out table."""
     import datasets
 
     local = Path(path).expanduser()
-    if local.exists():
-        if local.is_dir():
-            files = [p for p in local.rglob("*") if p.is_file()]
-            suffixes = {p.suffix.lower() for p in files}
-            if suffixes & {".parquet"}:
-                return datasets.load_dataset("parquet", data_files=[str(p) for p in files if p.suffix == ".parquet"],
-                                             split="train")
-            if suffixes & {".csv"}:
-                return datasets.load_dataset("csv", data_files=[str(p) for p in files if p.suffix == ".csv"],
-                                             split="train")
-            return datasets.load_dataset("imagefolder", data_dir=str(local), split=split)
-        builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(local.suffix.lower())
-        if builder is None:
+    if local.is_file():
+        if local.suffix.lower() not in _TABLE_FORMATS:
             raise DataUnavailable(f"data.path: {local} is not a directory, parquet, CSV or JSON file")
-        return datasets.load_dataset(builder, data_files=str(local), split="train")
+        return _read_file(local), None
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(local).parts))
+        if any(p.suffix.lower() in _IMAGE_SUFFIXES for p in files):
+            return _hf_splits(lambda s: datasets.load_dataset("imagefolder", data_dir=str(local), split=s),
+                              str(local), split, test_split)
+        tables = [p for p in files if p.suffix.lower() in _TABLE_FORMATS]
+        if not tables:
+            raise DataUnavailable(f"data.path: {local} holds no images and no .csv, .parquet or .json files")
+        formats = sorted({_TABLE_FORMATS[p.suffix.lower()] for p in tables})
+        if len(formats) > 1:
+            raise DataError(f"{local}: data.path: the folder mixes {' and '.join(formats)} files; keep one format")
+        train_files, test_files = _split_files(local, tables, split, test_split)
+        train = _concat([_read_file(p) for p in train_files], str(local))
+        test = _concat([_read_file(p) for p in test_files], str(local)) if test_files else None
+        return train, test
     if not _hub_reachable():
         raise DataUnavailable(
             f"data.path: {path!r} is not a local path and the Hugging Face hub is unreachable (offline). "
             "Point the recipe at local files instead: data.path: /dir/of/images (an image folder, one "
             "sub-folder per class), /file.parquet or /file.csv; or download the dataset once with "
             "`datasets.load_dataset(...).save_to_disk(...)` / export to parquet on a machine with network.")
+    return _hf_splits(lambda s: datasets.load_dataset(path, split=s), path, split, test_split)
+
+
+def _hf_splits(load: Callable[[str], Any], source: str, split: str,
+               test_split: Optional[str]) -> tuple[_Table, Optional[_Table]]:
     try:
-        return datasets.load_dataset(path, split=split)
-    except Exception as exc:  # network and hub errors come in many types
-        raise DataUnavailable(f"data.path: could not load {path!r} split {split!r} from the hub: {exc}") from None
+        train = _hf_table(lambda: load(split), f"{source} split {split}")
+    except Exception as exc:  # network, hub and builder errors come in many types
+        raise DataUnavailable(f"data.path: could not load {source!r} split {split!r}: {_first_line(exc)}") from None
+    test = None
+    if test_split:
+        try:
+            test = _hf_table(lambda: load(test_split), f"{source} split {test_split}")
+        except Exception:  # no such split: the last test_fraction of the training rows is held out
+            test = None
+    return train, test
+
+
+# --------------------------------------------------------------------------- tables: checks
+
+
+def _require_columns(table: _Table, columns: Sequence[str], key: str) -> None:
+    missing = [c for c in columns if c not in table.frame.columns]
+    if missing:
+        which = "one" if len(columns) == 1 else "some"
+        raise DataError(f"{table.source}: {key}: no column{'s' * (len(missing) > 1)} "
+                        f"{', '.join(map(repr, missing))}; available columns: "
+                        f"{', '.join(map(str, table.frame.columns))} (set {key} to {which} of them)")
+
+
+def _numbers(table: _Table, column: str, remedy: str) -> np.ndarray:
+    """A column as float64, empty cells as NaN; a cell that is not a number is an error."""
+    import pandas as pd
+
+    series = table.frame[column]
+    if series.dtype.kind in "iufb":
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    out = np.empty(len(series))
+    for i, value in enumerate(series.tolist()):
+        if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+            out[i] = np.nan
+            continue
+        try:
+            out[i] = float(value)
+        except (TypeError, ValueError):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise DataError(f"{table.row(i)}, column {column!r}: {shown} is not a number; {remedy}") from None
+    return out
+
+
+def _is_numeric(table: _Table, column: str) -> bool:
+    """For ``data.column: null``: numbers (a text column mixing in a few words counts, and
+    its first word is then reported), not text, labels or images."""
+    import pandas as pd
+
+    series = table.frame[column]
+    if series.dtype.kind in "iuf":
+        return True
+    if series.dtype.kind != "O" or column in table.image_columns:
+        return False
+    return bool(pd.to_numeric(series.map(lambda v: v if isinstance(v, (str, int, float)) else None),
+                              errors="coerce").notna().any())
+
+
+def _check_finite(values: np.ndarray, columns: Sequence[str], row: Callable[[int], str]) -> None:
+    """Every cell finite; otherwise name the first bad cell and count them all."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return
+    i, j = (int(k) for k in np.argwhere(bad)[0])
+    what = "an empty or NaN" if np.isnan(values[i, j]) else f"an infinite ({values[i, j]})"
+    n, rows = int(bad.sum()), int(bad.any(1).sum())
+    raise DataError(f"{row(i)}, {columns[j]}: {what} cell ({n} empty or non-finite cell{'s' * (n > 1)} in all, in "
+                    f"{rows} row{'s' * (rows > 1)}); fix or drop those rows (flowkit does not fill in missing values)")
+
+
+def _numeric_matrix(table: _Table, columns: Sequence[str]) -> np.ndarray:
+    """``[rows, columns]`` float64 of the chosen columns, every cell a finite number."""
+    _require_columns(table, columns, "data.column")
+    remedy = "fix the cell, or leave the column out of data.column"
+    values = np.stack([_numbers(table, c, remedy) for c in columns], 1)
+    _check_finite(values, [f"column {c!r}" for c in columns], table.row)
+    return values
+
+
+def _labels(table: _Table, column: str) -> np.ndarray:
+    _require_columns(table, [column], "data.label_column")
+    values = _numbers(table, column, "data.label_column needs class indices (whole numbers >= 0)")
+    bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{table.row(i)}, column {column!r}: {table.frame[column].iloc[i]!r} is not a class "
+                        "index; data.label_column needs whole numbers >= 0 in every row")
+    return values.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- images
+
+_TO_8_BIT = {"1": "L", "PA": "RGBA", "La": "LA", "RGBa": "RGBA", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
+
+
+def _image_where(table: _Table, i: int, value: Any) -> str:
+    path = value.get("path") if isinstance(value, dict) else None
+    if path and Path(path).is_file():
+        return str(path)
+    return table.row(i) + (f" ({path})" if path else "")
+
+
+def _decode(value: Any, where: str) -> np.ndarray:
+    """One encoded image (``{bytes, path}``) as an 8-bit ``[H, W]`` or ``[H, W, C]`` array."""
+    from PIL import Image
+
+    if not isinstance(value, dict) or (value.get("bytes") is None and not value.get("path")):
+        raise DataError(f"{where}: no image in this cell; fill it in or drop the row")
+    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+    try:
+        with Image.open(source) as opened:
+            opened.load()
+            target = _TO_8_BIT.get(opened.mode)
+            if opened.mode == "P":  # palette indices are not intensities: use the colours
+                target = "RGBA" if "transparency" in opened.info else "RGB"
+            img = opened.convert(target) if target else opened.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's decoding errors
+        raise DataError(f"{where}: cannot decode this image ({_first_line(exc)}); replace or delete it") from None
+    if img.mode not in ("L", "LA", "RGB", "RGBA"):
+        raise DataError(f"{where}: a {img.mode} image (16-bit, 32-bit or float pixels), but flowkit models 8-bit "
+                        "images with 256 levels; convert the images to 8-bit L or RGB")
+    return np.asarray(img)
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    channels = shape[2] if len(shape) == 3 else 1
+    return f"{shape[1]}x{shape[0]} pixels with {channels} channel{'s' * (channels > 1)}"
+
+
+def _images(table: _Table, column: str, like: Optional[tuple[tuple[int, ...], str]] = None
+            ) -> tuple[Tensor, tuple[tuple[int, ...], str]]:
+    """Decode a column into uint8 ``[N, C, H, W]``; every image must decode and share one size
+    and channel count (that of ``like``, or of the first image). Returns the size too."""
+    shape, first = like if like else (None, "")
+    arrays, problems = [], []
+    for i, value in enumerate(table.frame[column].tolist()):
+        where = _image_where(table, i, value)
+        try:
+            arr = _decode(value, where)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        if shape is None:
+            shape, first = arr.shape, where
+        if arr.shape != shape:
+            problems.append(f"{where}: the image is {_size(arr.shape)}, expected {_size(shape)} like {first}; "
+                            "resize or convert the images to one size and mode")
+            continue
+        arrays.append(arr)
+    if problems:
+        more = f" ({len(problems)} of {len(table)} images have a problem)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+    x = torch.as_tensor(np.stack(arrays))
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return x.to(torch.uint8).contiguous(), (shape, first)
+
+
+def _guess_kind(table: _Table, column: Optional[Union[str, list[str]]]) -> str:
+    """``image`` when the named column (or, with none named, any column) holds images."""
+    if isinstance(column, str):
+        _require_columns(table, [column], "data.column")
+        return "image" if column in table.image_columns else "tabular"
+    return "image" if column is None and table.image_columns else "tabular"
+
+
+def _image_column(table: _Table, column: Optional[Union[str, list[str]]]) -> str:
+    if isinstance(column, list):
+        raise DataError(f"{table.source}: data.column: images come from one column; give its name, not a list")
+    if column is None:
+        if not table.image_columns:
+            raise DataError(f"{table.source}: data.kind: image, but no column holds images (columns: "
+                            f"{', '.join(map(str, table.frame.columns))}); set data.kind: tabular")
+        return table.image_columns[0]
+    _require_columns(table, [column], "data.column")
+    if column not in table.image_columns:
+        raise DataError(f"{table.source}: data.column: column {column!r} holds no images (image columns: "
+                        f"{', '.join(table.image_columns) or 'none'})")
+    return column
+
+
+def _table_columns(table: _Table, column: Optional[Union[str, list[str]]], label_column: Optional[str]) -> list[str]:
+    """The columns named by ``data.column``, or every numeric column but the labels."""
+    if column is not None:
+        return [column] if isinstance(column, str) else list(column)
+    cols = [c for c in table.frame.columns if c != label_column and _is_numeric(table, c)]
+    if not cols:
+        raise DataError(f"{table.source}: data.column: no numeric column (columns: "
+                        f"{', '.join(map(str, table.frame.columns))}); list the columns to use in data.column")
+    return cols
+
+
+def _scaled(table: _Table, cols: list[str], x: np.ndarray, x_test: np.ndarray,
+            standardise: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised with the training mean and std (in float64), or checked to fit float32."""
+    if standardise:
+        if len(x) < 2:
+            raise DataError(f"{table.source}: data.standardise: one training row has no standard deviation; "
+                            "add rows or set data.standardise: false")
+        mu, sd = x.mean(0), np.maximum(x.std(0, ddof=1), 1e-8)
+        return (x - mu) / sd, (x_test - mu) / sd
+    for part, where in ((x, table.row), (x_test, lambda i: f"{table.source} (held-out rows)")):
+        big = np.abs(part) > np.finfo(np.float32).max
+        if big.any():
+            i, j = (int(k) for k in np.argwhere(big)[0])
+            raise DataError(f"{where(i)}, column {cols[j]!r}: {part[i, j]:g} is beyond float32's range; "
+                            "rescale the column or set data.standardise: true")
+    return x, x_test
+
+
+# --------------------------------------------------------------------------- HF / local files
 
 
 @DATASETS.register("hf")
 class HFDataset(Dataset):
-    """Images or tables through HF ``datasets``: a hub name, an image folder, parquet or CSV.
+    """Images or tables through HF ``datasets``: a hub name, an image folder, parquet, CSV or JSON.
+
+    A folder of tables is read file by file in sorted order; files named for ``split`` and
+    ``test_split`` (``train.csv``, ``test/part-0.parquet``) form those splits, and with no
+    file so named every file is training data. A folder holding images is an image folder
+    (one sub-folder per class; ``train`` / ``test`` sub-folders for splits).
 
     Args:
         path: hub dataset name (``mnist``, ``cifar10``) or a local directory / file.
-        split, test_split: the training and held-out splits; with a single local file, the
-            last ``test_fraction`` of rows is held out instead.
-        column: the image column, or the list of numeric columns of a table (None: all numeric).
+        split, test_split: the training and held-out splits; where the data have no
+            ``test_split`` (a single file), the last ``test_fraction`` of rows is held out.
+        column: the image column, or the list of numeric columns of a table (None: every
+            numeric column).
         label_column: optional class-label column (used as the condition).
         kind: ``image`` or ``tabular`` (``auto`` looks at the column's type).
         logit, alpha: logit transform of images.
         standardise: tables are standardised with the training mean and std.
+        test_fraction: share of rows held out where the data have no test split.
         limit: keep at most this many training rows (quick experiments).
+
+    Raises:
+        flowkit.data.DataError: for unusable data (missing column, non-numeric, empty or
+            non-finite cell, empty table, undecodable or odd-sized image), naming the file,
+            row and column.
     """
 
+    @check_declared
     def __init__(self, path: str, split: str = "train", test_split: Optional[str] = "test",
-                 column: Optional[str | list] = None, label_column: Optional[str] = None,
+                 column: Optional[Union[str, list[str]]] = None, label_column: Optional[str] = None,
                  kind: Literal["auto", "image", "tabular"] = "auto", logit: bool = False,
-                 alpha: float = 1e-6, standardise: bool = True, test_fraction: float = 0.1,
-                 limit: Optional[int] = None) -> None:
-        train = _load_hf(path, split)
-        test = None
-        if test_split and not Path(path).expanduser().is_file():
-            try:
-                test = _load_hf(path, test_split)
-            except (DataUnavailable, ValueError, KeyError):
-                test = None
-        if test is None:
-            n_test = max(1, int(len(train) * test_fraction))
-            test = train.select(range(len(train) - n_test, len(train)))
-            train = train.select(range(len(train) - n_test))
-        if limit:
-            train = train.select(range(min(limit, len(train))))
-        features = train.features
-        if kind == "auto":
-            col = column if isinstance(column, str) else None
-            kind = "image" if (col and type(features[col]).__name__ == "Image") or (
-                col is None and any(type(f).__name__ == "Image" for f in features.values())) else "tabular"
-        self.kind = kind
-        self.num_classes = None
-        labels = (None, None)
-        if label_column:
-            names = getattr(features[label_column], "names", None)
-            self.num_classes = len(names) if names else int(max(train[label_column])) + 1
-            labels = (torch.as_tensor(train[label_column]), torch.as_tensor(test[label_column]))
-        if kind == "image":
-            col = column or next(k for k, f in features.items() if type(f).__name__ == "Image")
-            tr, te = _images(train[col]), _images(test[col])
-            self._images = QuantisedImages(tr, te, 256, labels[0], labels[1], logit, alpha, self.num_classes)
-            self.shape, self.discrete, self.log_scale = self._images.shape, True, self._images.log_scale
+                 alpha: LogitAlpha = 1e-6, standardise: bool = True, test_fraction: Fraction = 0.1,
+                 limit: Optional[PositiveInt] = None) -> None:
+        if isinstance(column, list) and (not column or not all(isinstance(c, str) for c in column)):
+            raise DataError(f"data.column: expected a column name or a non-empty list of names, got {column!r}")
+        if test_split is not None and test_split == split:
+            raise DataError(f"data.test_split: {test_split!r} is also data.split; the held-out data must differ "
+                            "from the training data (set another split, or null to hold out data.test_fraction)")
+        train, test = _load_splits(path, split, test_split)
+        for table in (train, test):
+            if table is not None and len(table) == 0:
+                header = " (only a header line)" if any(h for _, _, h in table.parts) else ""
+                raise DataError(f"{table.source}: data.path: no data rows{header}; add rows or point data.path "
+                                "at the data")
+        self.kind = _guess_kind(train, column) if kind == "auto" else kind
+        if self.kind == "image":
+            col = _image_column(train, column)
+            x, size = _images(train, col)
+            x_test = _images(test, col, like=size)[0] if test is not None else None
         else:
-            cols = [column] if isinstance(column, str) else (column or [
-                k for k, f in features.items() if getattr(f, "dtype", "") in
-                ("float32", "float64", "int32", "int64") and k != label_column])
-            missing = [c for c in cols if c not in features]
-            if missing:
-                raise DataUnavailable(f"data.column: no column {missing} in {path}; columns: {list(features)}")
-            self._images = None
-            self.train = torch.tensor(np.stack([np.asarray(train[c], dtype=np.float32) for c in cols], 1))
-            self.test = torch.tensor(np.stack([np.asarray(test[c], dtype=np.float32) for c in cols], 1))
-            if standardise:
-                mu, sd = self.train.mean(0), self.train.std(0).clamp_min(1e-8)
-                self.train, self.test = (self.train - mu) / sd, (self.test - mu) / sd
-            self.train_labels, self.test_labels = labels
-            self.shape = (len(cols),)
+            cols = _table_columns(train, column, label_column)
+            x = _numeric_matrix(train, cols)
+            x_test = _numeric_matrix(test, cols) if test is not None else None
+        y = _labels(train, label_column) if label_column else None
+        y_test = _labels(test, label_column) if label_column and test is not None else None
+        if test is None:  # hold out the last rows
+            n_test = max(1, int(len(x) * test_fraction))
+            if len(x) - n_test < 1:
+                raise DataError(f"{train.source}: data.test_fraction: {len(x)} row{'s' * (len(x) > 1)}, and "
+                                f"holding out {n_test} leaves none to train on; add rows or lower data.test_fraction")
+            x, x_test = x[:-n_test], x[-n_test:]
+            y, y_test = (y[:-n_test], y[-n_test:]) if y is not None else (None, None)
+        if limit:
+            x, y = x[:limit], (y[:limit] if y is not None else None)
+        self.num_classes = None
+        if label_column:
+            names = train.class_names.get(label_column)
+            self.num_classes = len(names) if names else int(max(y.max(), y_test.max())) + 1
+        labels = (None if y is None else torch.as_tensor(y), None if y_test is None else torch.as_tensor(y_test))
+        if self.kind == "image":
+            self._images = QuantisedImages(x, x_test, 256, labels[0], labels[1], logit, alpha, self.num_classes)
+            self.shape, self.discrete, self.log_scale = self._images.shape, True, self._images.log_scale
+            return
+        self._images = None
+        x, x_test = _scaled(train, cols, x, x_test, standardise)
+        self.train = torch.as_tensor(x, dtype=torch.float32)
+        self.test = torch.as_tensor(x_test, dtype=torch.float32)
+        self.train_labels, self.test_labels = labels
+        self.shape = (len(cols),)
 
     def train_batch(self, n: int, generator: torch.Generator):
         if self._images is not None:
@@ -252,16 +635,6 @@ class HFDataset(Dataset):
 
     def model_log_det(self, y: Tensor) -> Optional[Tensor]:
         return self._images.model_log_det(y) if self._images is not None else None
-
-
-def _images(column: Sequence) -> Tensor:
-    arrays = [np.asarray(img) for img in column]
-    x = torch.as_tensor(np.stack(arrays))
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    elif x.dim() == 4:
-        x = x.permute(0, 3, 1, 2)
-    return x.to(torch.uint8).contiguous()
 
 
 # --------------------------------------------------------------------------- tabular (MAF)
@@ -283,9 +656,54 @@ def _need(root: Path, rel: str) -> Path:
     return path
 
 
-def _split_normalise(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+_REDOWNLOAD = "use the standard MAF preprocessed file"
+#: MAF's split needs int(0.1 n) >= 1 test rows and then int(0.1 (n − n_test)) >= 1 validation rows
+_MAF_MIN_ROWS = 11
+
+
+def _checked_array(data: Any, where: str, columns: Optional[int] = None) -> np.ndarray:
+    """A 2-D array of finite numbers (with ``columns`` columns, when given)."""
+    data = np.asarray(data)
+    if data.ndim != 2 or data.dtype.kind not in "iuf" or (columns is not None and data.shape[1] != columns):
+        want = f" with {columns} columns" if columns else ""
+        raise DataError(f"{where}: data.root: expected a 2-D array of numbers{want}, found shape {data.shape} of "
+                        f"{data.dtype}; {_REDOWNLOAD}")
+    _check_finite(data, [f"column {j + 1}" for j in range(data.shape[1])], lambda i: f"{where} row {i + 1}")
+    return data
+
+
+def _load_npy(path: Path, columns: Optional[int] = None) -> np.ndarray:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: data.root: cannot read this .npy file ({_first_line(exc)}); {_REDOWNLOAD}") from None
+    return _checked_array(data, str(path), columns)
+
+
+def _table_values(table: _Table) -> np.ndarray:
+    """Every column of a MAF table as finite float64."""
+    if not len(table.frame.columns):
+        raise DataError(f"{table.source}: data.root: the table has no columns; {_REDOWNLOAD}")
+    values = np.stack([_numbers(table, c, _REDOWNLOAD) for c in table.frame.columns], 1)
+    _check_finite(values, [f"column {c!r}" for c in table.frame.columns], table.row)
+    return values
+
+
+def _repeat_filter(data: np.ndarray, where: str) -> list[int]:
+    """MAF drops features with any value repeated more than 5 times."""
+    keep = [j for j in range(data.shape[1]) if np.unique(data[:, j], return_counts=True)[1].max() <= 5]
+    if not keep:
+        raise DataError(f"{where}: data.root: every column repeats a value more than 5 times, so MAF's filter "
+                        f"leaves no feature; {_REDOWNLOAD}")
+    return keep
+
+
+def _split_normalise(data: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MAF's split: last 10 % test, then last 10 % of the rest validation; normalise
     with the mean and std of train + validation."""
+    if data.shape[0] < _MAF_MIN_ROWS:
+        raise DataError(f"{where}: data.root: {data.shape[0]} rows; MAF's split (10 % test, then 10 % "
+                        f"validation) needs at least {_MAF_MIN_ROWS}; {_REDOWNLOAD}")
     n_test = int(0.1 * data.shape[0])
     test, rest = data[-n_test:], data[:-n_test]
     n_val = int(0.1 * rest.shape[0])
@@ -298,53 +716,71 @@ def _split_normalise(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def _power(root: Path):
     rng = np.random.RandomState(42)
-    data = np.load(_need(root, MAF_FILES["power"]))
+    path = _need(root, MAF_FILES["power"])
+    data = _load_npy(path, columns=8).astype(np.float64)  # 8 raw columns − 2 = 6
     rng.shuffle(data)
     n = data.shape[0]
     data = np.delete(data, 3, axis=1)
     data = np.delete(data, 1, axis=1)
     voltage, gap = 0.01 * rng.rand(n, 1), 0.001 * rng.rand(n, 1)
-    noise = np.hstack([gap, voltage, rng.rand(n, 3), np.zeros((n, 1))])  # 8 raw columns − 2 = 6
-    return _split_normalise(data + noise)
+    noise = np.hstack([gap, voltage, rng.rand(n, 3), np.zeros((n, 1))])
+    return _split_normalise(data + noise, str(path))
 
 
 def _gas(root: Path):
     import pandas as pd
 
-    frame = pd.read_pickle(_need(root, MAF_FILES["gas"]))
-    frame = frame.drop(columns=[c for c in ("Meth", "Eth", "Time") if c in frame.columns])
+    path = _need(root, MAF_FILES["gas"])
+    try:
+        frame = pd.read_pickle(path)  # the benchmark's own format; unpickling can run code: trusted files only
+    except Exception as exc:  # unpickling raises many types
+        raise DataError(f"{path}: data.root: cannot read this pickle ({_first_line(exc)}); {_REDOWNLOAD}") from None
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(f"{path}: data.root: holds a {type(frame).__name__}, not a table; {_REDOWNLOAD}")
+    frame = frame.drop(columns=[c for c in ("Meth", "Eth", "Time") if c in frame.columns]).reset_index(drop=True)
+    values = _table_values(_Table(frame, str(path), [(str(path), len(frame), False)]))
+    frame = pd.DataFrame(values, columns=frame.columns)
     while True:  # drop features correlated above 0.98, one at a time
         corr = frame.corr().to_numpy()
         upper = (np.abs(corr) > 0.98).sum(1) > 1
         if not upper.any():
             break
         frame = frame.drop(columns=frame.columns[int(np.argmax(upper))])
-    return _split_normalise(frame.to_numpy(dtype=np.float64))
+    return _split_normalise(frame.to_numpy(dtype=np.float64), str(path))
 
 
 def _hepmass(root: Path):
-    import pandas as pd
-
-    train = pd.read_csv(_need(root, MAF_FILES["hepmass"][0]), index_col=False)
-    test = pd.read_csv(_need(root, MAF_FILES["hepmass"][1]), index_col=False)
-    label = train.columns[0]
-    train = train[train[label] == 1].drop(columns=label).to_numpy(dtype=np.float64)
-    test = test[test[test.columns[0]] == 1].drop(columns=test.columns[0]).to_numpy(dtype=np.float64)
+    signal = []
+    for rel in MAF_FILES["hepmass"]:
+        table = _read_file(_need(root, rel))
+        values = _table_values(table)
+        rows = values[values[:, 0] == 1, 1:]  # the first column is the label; MAF keeps the signal (1)
+        if not len(rows):
+            raise DataError(f"{table.source}: data.root: no row has label 1 in column {table.frame.columns[0]!r}, "
+                            f"so no signal event is left; {_REDOWNLOAD}")
+        signal.append(rows)
+    train, test = signal
     test = test[:, :-1] if test.shape[1] == train.shape[1] + 1 else test  # trailing "mass" column
+    where = str(root / MAF_FILES["hepmass"][0])
+    if test.shape[1] != train.shape[1]:
+        raise DataError(f"{root / MAF_FILES['hepmass'][1]}: data.root: {test.shape[1]} features, the training file "
+                        f"has {train.shape[1]}; {_REDOWNLOAD}")
+    if len(train) < _MAF_MIN_ROWS:
+        raise DataError(f"{where}: data.root: {len(train)} signal rows; MAF's 10 % validation split needs at least "
+                        f"{_MAF_MIN_ROWS}; {_REDOWNLOAD}")
     mu, sd = train.mean(0), train.std(0)
     sd[sd == 0] = 1.0
     train, test = (train - mu) / sd, (test - mu) / sd
-    # drop features with too many repeated values (MAF: any value repeated > 5 times)
-    keep = [j for j in range(train.shape[1]) if np.unique(train[:, j], return_counts=True)[1].max() <= 5]
+    keep = _repeat_filter(train, where)
     train, test = train[:, keep], test[:, keep]
     n_val = int(0.1 * train.shape[0])
     return train[:-n_val], train[-n_val:], test
 
 
 def _miniboone(root: Path):
-    data = np.load(_need(root, MAF_FILES["miniboone"]))
-    keep = [j for j in range(data.shape[1]) if np.unique(data[:, j], return_counts=True)[1].max() <= 5]
-    return _split_normalise(data[:, keep])
+    path = _need(root, MAF_FILES["miniboone"])
+    data = _load_npy(path)
+    return _split_normalise(data[:, _repeat_filter(data, str(path))], str(path))
 
 
 def _bsds300(root: Path):
@@ -352,15 +788,31 @@ def _bsds300(root: Path):
         import h5py
     except ImportError:
         raise DataUnavailable("data.name: bsds300 needs h5py (pip install h5py)") from None
-    with h5py.File(_need(root, MAF_FILES["bsds300"]), "r") as fh:
-        return np.asarray(fh["train"]), np.asarray(fh["validation"]), np.asarray(fh["test"])
+    path = _need(root, MAF_FILES["bsds300"])
+    try:
+        with h5py.File(path, "r") as fh:
+            parts = [_checked_array(fh[k][()], f"{path} [{k}]") for k in ("train", "validation", "test")]
+    except (KeyError, OSError) as exc:
+        raise DataError(f"{path}: data.root: cannot read the train, validation and test arrays "
+                        f"({_first_line(exc)}); {_REDOWNLOAD}") from None
+    if len({p.shape[1] for p in parts}) > 1 or min(len(p) for p in parts) < 1:
+        raise DataError(f"{path}: data.root: train, validation and test shapes {[p.shape for p in parts]} do not "
+                        f"fit together; {_REDOWNLOAD}")
+    return tuple(parts)
 
 
 _MAF_LOADERS = {"power": _power, "gas": _gas, "hepmass": _hepmass, "miniboone": _miniboone, "bsds300": _bsds300}
 
 
 def load_maf(name: str, root: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, validation, test) arrays of a MAF tabular benchmark from ``root``."""
+    """(train, validation, test) arrays of a MAF tabular benchmark from ``root``.
+
+    Raises:
+        flowkit.data.DataError: for a missing, unreadable or malformed file, naming it (and the
+            row and column of a non-numeric or non-finite value).
+    """
+    if name not in _MAF_LOADERS:
+        raise DataError(f"data.name: {name!r} is not a MAF benchmark; choose one of {', '.join(_MAF_LOADERS)}")
     return _MAF_LOADERS[name](Path(root).expanduser())
 
 
@@ -380,6 +832,7 @@ class TabularArrays(Dataset):
 
 
 def _register_maf(name: str, dim: int) -> None:
+    @check_declared
     def __init__(self, root: str, split: Literal["test", "validation"] = "test") -> None:
         train, val, test = load_maf(name, root)
         TabularArrays.__init__(self, train, test if split == "test" else val)

@@ -34,8 +34,8 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor
 
-from .flow import Field, Flow, Prior
-from .likelihood import Likelihood, log_likelihood
+from .flow import Field, FieldError, Flow, Prior
+from .likelihood import Likelihood, check_data, log_likelihood
 from .paths import GaussianPath
 
 __all__ = ["probability_flow_field", "xt_score_to_field", "flow_from_score", "score_log_likelihood"]
@@ -164,10 +164,23 @@ def score_log_likelihood(
         t0, t1: integration interval (defaults from ``path``).
         generator: random source of the Hutchinson probes.
 
+    A score model called under ``torch.no_grad()`` or ``torch.inference_mode()``, or returning
+    ``.detach()``-ed output (the usual way of calling an external model), is fine: the
+    divergence of the score is then taken by central finite differences, with a warning (see
+    :mod:`flowkit.likelihood`); it is never silently 0. Calling this under ``no_grad`` or
+    ``inference_mode`` is fine too.
+
     Returns:
         :class:`flowkit.likelihood.Likelihood`; ``log_prob`` in nats. For images rescaled from
         ``K`` levels, ``flowkit.likelihood.bits_per_dim(-out.log_prob.mean(), D, math.log(K))``
         converts to bits per dimension.
+
+    Raises:
+        FieldError: ``x`` not a finite floating ``[batch, *event_shape]`` tensor with a sample,
+            ``score_fn`` returning something not shaped like ``x`` or different values for
+            the same input, ``n_probes < 1`` and the other cases of
+            :func:`flowkit.likelihood.log_likelihood`.
+        NonFiniteFieldError: ``score_fn`` returned NaN or inf (for the data or during the solve).
 
     Example:
         >>> from flowkit.flow import StandardNormal
@@ -177,11 +190,31 @@ def score_log_likelihood(
         >>> bool((out.log_prob - StandardNormal((2,)).log_prob(x)).abs().max() < 1e-4)
         True
     """
+    check_data(x)
     shape = tuple(x.shape[1:])
-    field = probability_flow_field(xt_score_to_field(score_fn), path)
+    field = probability_flow_field(_checked_score(xt_score_to_field(score_fn)), path)
     start = path.t0 if t0 is None else float(t0)
     end = path.t1 if t1 is None else float(t1)
     return log_likelihood(field, x, path.prior(shape) if prior is None else prior,
                           times=(start, end), cond=cond, estimator=estimator, noise=noise,
                           n_probes=n_probes, method=method, rtol=rtol, atol=atol,
-                          per_sample_norm=per_sample_norm, generator=generator)
+                          per_sample_norm=per_sample_norm, generator=generator,
+                          names=["score_fn (through the probability-flow velocity)"])
+
+
+def _checked_score(score: Field) -> Field:
+    """``score`` whose output must be a tensor shaped like ``x`` (checked on every call: a shape
+    comparison costs nothing), so a wrong shape is named here, not met as a broadcast error in
+    :meth:`~flowkit.paths.GaussianPath.velocity_from_score`. An inference-mode output (a model
+    run under ``torch.inference_mode()``) is copied to an ordinary tensor, which autograd and
+    the solver can combine with others."""
+
+    def checked(t: Tensor, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        out = score(t, x, cond)
+        if not isinstance(out, Tensor) or tuple(out.shape) != tuple(x.shape):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise FieldError(f"score_fn(x, t) returned {got} for x of shape {tuple(x.shape)} at t={float(t):.6g}; "
+                             f"expected a tensor of shape {tuple(x.shape)} (the shape of x: [batch, *event_shape])")
+        return out.clone() if out.is_inference() else out
+
+    return checked

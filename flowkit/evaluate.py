@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from typing import Any, Callable, Optional
 
@@ -10,8 +11,8 @@ import torch
 from torch import Tensor
 
 from .config import EvalConfig
-from .flow import Flow
-from .likelihood import bits_per_dim, flow_log_likelihood
+from .flow import FieldError, Flow
+from .likelihood import bits_per_dim, check_data, flow_log_likelihood
 from .metrics import energy_distance, sliced_wasserstein
 from .samplers.base import SampleResult
 
@@ -27,7 +28,24 @@ def evaluate_nll(flow: Flow, x: Tensor, cfg: EvalConfig, *, cond: Optional[Tenso
     ``bpd`` is bits/dim for discrete data (dequantised, with the scaling offset) else None.
     ``log_det(y)`` adds the log-determinant of a data → model-space transform (logit), so the
     NLL refers to the data (see :meth:`flowkit.data.Dataset.model_log_det`).
+
+    The contract of :func:`flowkit.likelihood.log_likelihood` holds for every batch: a field
+    called under ``no_grad`` / ``inference_mode`` or detached is differentiated by finite
+    differences, never given a zero divergence.
+
+    Raises:
+        FieldError: ``x`` is not a finite floating ``[n, *event_shape]`` tensor with a sample
+            (all bad rows of ``x`` are counted), ``cond`` is not one row per sample,
+            ``cfg.n_probes < 1``, ``cfg.batch_size < 1``, ``log_det`` returns NaN, or a field
+            breaks its contract (the message says which samples of ``x`` the batch held).
+        NonFiniteFieldError: a field returned NaN or inf.
     """
+    check_data(x)
+    if cond is not None and (not isinstance(cond, Tensor) or cond.dim() < 1 or cond.shape[0] != x.shape[0]):
+        got = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
+        raise FieldError(f"cond: expected one condition per sample of x, shape [{x.shape[0]}, ...], got {got}")
+    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, numbers.Integral) or cfg.batch_size < 1:
+        raise FieldError(f"eval.batch_size: expected a positive integer, got {cfg.batch_size!r}")
     start = time.perf_counter()
     nlls, nfes = [], []
     batches = range(0, x.shape[0], cfg.batch_size)
@@ -39,13 +57,24 @@ def evaluate_nll(flow: Flow, x: Tensor, cfg: EvalConfig, *, cond: Optional[Tenso
     for i in batches:
         xb = x[i:i + cfg.batch_size]
         cb = None if cond is None else cond[i:i + cfg.batch_size]
-        out = flow_log_likelihood(flow, xb, cond=cb, estimator=cfg.divergence, noise=cfg.noise,
-                                  n_probes=cfg.n_probes, method=cfg.method, rtol=cfg.rtol, atol=cfg.atol,
-                                  steps=cfg.steps, per_sample_norm=cfg.per_sample_norm, generator=generator)
+        try:
+            out = flow_log_likelihood(flow, xb, cond=cb, estimator=cfg.divergence, noise=cfg.noise,
+                                      n_probes=cfg.n_probes, method=cfg.method, rtol=cfg.rtol, atol=cfg.atol,
+                                      steps=cfg.steps, per_sample_norm=cfg.per_sample_norm, generator=generator)
+        except FieldError as exc:
+            if x.shape[0] <= cfg.batch_size:
+                raise
+            # same class (NonFiniteFieldError stays one), with where the batch lies in x
+            raise type(exc)(f"{exc} [in the batch x[{i}:{i + xb.shape[0]}]; rows count from {i}]") from None
         logp = out.log_prob.detach()
         correction = log_det(xb) if log_det is not None else None
         if correction is not None:
-            logp = logp + correction.to(logp)
+            correction = correction.to(logp)
+            if tuple(correction.shape) != tuple(logp.shape) or bool(torch.isnan(correction).any()):
+                raise FieldError(f"log_det returned shape {tuple(correction.shape)} with "
+                                 f"{int(torch.isnan(correction).sum())} NaN values for a batch of "
+                                 f"{xb.shape[0]} samples; expected ({xb.shape[0]},) without NaN")
+            logp = logp + correction
         nlls.append(-logp.double().cpu())
         nfes.append(out.nfe)
     nll = torch.cat(nlls)

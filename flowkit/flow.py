@@ -25,7 +25,25 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Field", "Prior", "StandardNormal", "Flow", "guided"]
+__all__ = ["Field", "Prior", "StandardNormal", "Flow", "guided", "FieldError", "NonFiniteFieldError"]
+
+
+class FieldError(ValueError):
+    """A field, or the data and options given with it, break the contract of the likelihood API.
+
+    Raised before any solving where possible: ``x`` that is not ``[batch, *event_shape]``, empty
+    or non-finite; a field whose output is not shaped like ``x``, is not deterministic, or
+    cannot be differentiated; options such as ``n_probes <= 0``. The message names the argument,
+    the expected shape and how many samples are bad. The CLI maps it to exit status 2.
+    """
+
+
+class NonFiniteFieldError(FieldError):
+    """A field returned NaN or inf (for the data, or at a state reached during a solve).
+
+    A subclass of :class:`FieldError`, so one ``except FieldError`` catches both; the trainer's
+    periodic evaluation can catch this one alone to report a diverged model.
+    """
 
 
 class Field(Protocol):

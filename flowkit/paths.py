@@ -68,12 +68,18 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from .components import PATHS, SDES
+from .constraints import NonNegativeFloat, PositiveFloat, Range, Rule
+
+#: the ends of a path's time interval: ``t0 < t1`` (both checked by ``flowkit check``)
+_T0_BEFORE_T1 = Rule(("t0", "t1"), lambda a: a["t0"] < a["t1"], "need t0 < t1, got t0={t0}, t1={t1}")
+#: a time in the unit interval, for the paths defined on ``[0, 1]``
+UnitTime = Annotated[float, Range(0, 1)]
 from .flow import StandardNormal
 
 __all__ = ["PathCoefficients", "GaussianPath", "VP", "SubVP", "VE", "CondOT", "Cosine",
@@ -300,8 +306,14 @@ class VP(GaussianPath):
         t0: smallest time used (``σ_0 = 0`` makes the score singular at 0).
     """
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t1: float = 1.0,
-                 t0: float = 1e-5) -> None:
+    argument_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(("beta_max", "beta_min"), lambda a: a["beta_min"] <= a["beta_max"],
+             "need beta_min <= beta_max, got {beta_min}, {beta_max}"),
+        _T0_BEFORE_T1,
+    )
+
+    def __init__(self, beta_min: NonNegativeFloat = 0.1, beta_max: NonNegativeFloat = 20.0,
+                 t1: PositiveFloat = 1.0, t0: NonNegativeFloat = 1e-5) -> None:
         if not 0 <= beta_min <= beta_max:
             raise ValueError(f"need 0 <= beta_min <= beta_max, got {beta_min}, {beta_max}")
         if not 0 <= t0 < t1:
@@ -376,8 +388,14 @@ class VE(GaussianPath):
         t0: smallest time used.
     """
 
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t1: float = 1.0,
-                 t0: float = 0.0) -> None:
+    argument_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(("sigma_max", "sigma_min"), lambda a: a["sigma_min"] < a["sigma_max"],
+             "need sigma_min < sigma_max, got {sigma_min}, {sigma_max}"),
+        _T0_BEFORE_T1,
+    )
+
+    def __init__(self, sigma_min: PositiveFloat = 0.01, sigma_max: PositiveFloat = 50.0,
+                 t1: PositiveFloat = 1.0, t0: NonNegativeFloat = 0.0) -> None:
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         if not 0 <= t0 < t1:
@@ -424,7 +442,10 @@ class CondOT(GaussianPath):
         t0, t1: the interval used (``t1 < 1`` for SDE samplers, see the module docstring).
     """
 
-    def __init__(self, sigma_min: float = 0.0, t0: float = 0.0, t1: float = 1.0) -> None:
+    argument_rules: ClassVar[tuple[Rule, ...]] = (_T0_BEFORE_T1,)
+
+    def __init__(self, sigma_min: Annotated[float, Range(0, 1, hi_open=True)] = 0.0, t0: UnitTime = 0.0,
+                 t1: UnitTime = 1.0) -> None:
         if not 0 <= sigma_min < 1:
             raise ValueError(f"need 0 <= sigma_min < 1, got {sigma_min}")
         _check_end(t0, t1)
@@ -456,7 +477,9 @@ class Cosine(GaussianPath):
         t0, t1: the interval used (``t1 < 1`` for SDE samplers).
     """
 
-    def __init__(self, t0: float = 0.0, t1: float = 1.0) -> None:
+    argument_rules: ClassVar[tuple[Rule, ...]] = (_T0_BEFORE_T1,)
+
+    def __init__(self, t0: UnitTime = 0.0, t1: UnitTime = 1.0) -> None:
         _check_end(t0, t1)
         self.t0, self.t1 = float(t0), float(t1)
         self.safe_range = (EDGE, 1 - EDGE)
@@ -491,7 +514,9 @@ class Polynomial(GaussianPath):
         t0, t1: the interval used (``t1 < 1`` for SDE samplers).
     """
 
-    def __init__(self, exponent: float = 2.0, t0: float = 0.0, t1: float = 1.0) -> None:
+    argument_rules: ClassVar[tuple[Rule, ...]] = (_T0_BEFORE_T1,)
+
+    def __init__(self, exponent: PositiveFloat = 2.0, t0: UnitTime = 0.0, t1: UnitTime = 1.0) -> None:
         if not exponent > 0:
             raise ValueError(f"need exponent > 0, got {exponent}")
         _check_end(t0, t1)

@@ -12,17 +12,25 @@ A recipe has the sections ``data``, ``dynamics``, ``objective``, ``sampler`` (ea
 
 :func:`validate` checks the whole recipe *before anything is built* — every section,
 every name against its registry, every argument against the constructor's signature
-(``inspect.signature(...).bind``), ``Literal`` choices — and reports **all** problems at
-once, each with the file and full key path. :func:`build` then constructs the parts.
+(``inspect.signature(...).bind``), and every value against its declared type and range
+(:mod:`flowkit.constraints`: ``Annotated[int, Positive()]``, ``Literal`` choices; floats
+must be finite) — plus the declared combinations: each component's ``argument_rules`` and
+whether the sampler's ``needs`` are among what the objective's flow ``provides``. It
+reports **all** problems at once, each with the file and full key path. :func:`build`
+then constructs the parts.
+
+Reading a recipe is strict too: a duplicated key, a file that is not UTF-8 and a
+command-line override that is not valid YAML each raise :class:`RecipeError` (the CLI's
+exit status 2), the last one blamed on the command line rather than the file.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import re
-import inspect
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +40,11 @@ import yaml
 
 from .components import DATASETS, DYNAMICS, OBJECTIVES, SAMPLERS
 from .config import EvalConfig, TrainConfig
+from .constraints import Rule, check_value
 from .registry import Registry, RegistryError, did_you_mean
 
 __all__ = ["RecipeError", "load_recipe", "apply_overrides", "validate", "build", "Built",
-           "SECTIONS", "component_arguments"]
+           "SECTIONS", "COMMAND_LINE", "component_arguments", "parse_yaml"]
 
 COMPONENT_SECTIONS: dict[str, Registry] = {
     "data": DATASETS, "dynamics": DYNAMICS, "objective": OBJECTIVES, "sampler": SAMPLERS,
@@ -54,7 +63,26 @@ INJECTED: dict[str, tuple[str, ...]] = {
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-5`` as a string; recipes mean a number (YAML 1.2 semantics)."""
+    """YAML 1.1 reads ``1e-5`` as a string; recipes mean a number (YAML 1.2 semantics).
+
+    A key given twice in one mapping is an error (PyYAML silently keeps the last one).
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, typing.Hashable):
+                    continue  # PyYAML reports unhashable keys itself
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given at line {seen[key].line + 1}); "
+                        "keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -65,28 +93,68 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str):
+    """Parse recipe YAML (numbers as YAML 1.2 reads them; duplicate keys refused)."""
     return yaml.load(text, Loader=_Loader)
 
 
-class RecipeError(ValueError):
-    """One or more problems in a recipe; ``errors`` holds one line each."""
+def _yaml_problem(exc: yaml.YAMLError, one_line: bool = False) -> str:
+    """One line: ``line 3, column 5: <problem>`` (just the column for a one-line text)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark or exc.context_mark
+        where = "" if mark is None else f"column {mark.column + 1}: " if one_line \
+            else f"line {mark.line + 1}, column {mark.column + 1}: "
+        context = f" ({exc.context})" if exc.context else ""
+        return f"{where}{exc.problem}{context}"
+    return " ".join(str(exc).split())
 
-    def __init__(self, errors: list[str], source: str = "<recipe>") -> None:
+
+COMMAND_LINE = "command line"
+
+
+class RecipeError(ValueError):
+    """One or more problems in a recipe; ``errors`` holds one line each.
+
+    ``origin`` is ``"recipe"`` (the file ``source``) or :data:`COMMAND_LINE` (the
+    overrides given for ``source``), so a message blames what the user must edit.
+    """
+
+    def __init__(self, errors: list[str], source: str = "<recipe>", *, origin: str = "recipe") -> None:
         self.errors = errors
         self.source = source
-        lines = "\n".join(f"  {source}: {e}" for e in errors)
-        super().__init__(f"{len(errors)} problem{'s' * (len(errors) != 1)} in recipe {source}:\n{lines}")
+        self.origin = origin
+        n = f"{len(errors)} problem{'s' * (len(errors) != 1)}"
+        if origin == COMMAND_LINE:
+            lines = "\n".join(f"  {COMMAND_LINE}: {e}" for e in errors)
+            super().__init__(f"{n} in the command-line overrides (applied to {source}):\n{lines}")
+        else:
+            lines = "\n".join(f"  {source}: {e}" for e in errors)
+            super().__init__(f"{n} in recipe {source}:\n{lines}")
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> dict:
-    """Read a YAML recipe and apply dotted ``key=value`` overrides."""
+    """Read a YAML recipe (UTF-8) and apply dotted ``key=value`` overrides.
+
+    Raises:
+        RecipeError: a missing or unreadable file, text that is not UTF-8, invalid YAML
+            (a duplicated key included), a top level that is not a mapping, or an override
+            that is not ``key.path=value`` with a YAML value.
+    """
     path = Path(path)
     if not path.is_file():
-        raise RecipeError([f"no such file"], str(path))
+        raise RecipeError(["no such file" if not path.exists() else "not a file"], str(path))
     try:
-        recipe = parse_yaml(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise RecipeError([f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); "
+                           "save the recipe as UTF-8"], str(path)) from None
+    except OSError as exc:
+        raise RecipeError([f"cannot read: {exc.strerror or exc}"], str(path)) from None
+    try:
+        recipe = parse_yaml(text)
     except yaml.YAMLError as exc:
-        raise RecipeError([f"not valid YAML: {exc}"], str(path)) from None
+        raise RecipeError([f"not valid YAML: {_yaml_problem(exc)}"], str(path)) from None
+    recipe = {} if recipe is None else recipe
     if not isinstance(recipe, dict):
         raise RecipeError(["the top level must be a mapping of sections"], str(path))
     return apply_overrides(recipe, overrides, source=str(path))
@@ -97,6 +165,10 @@ def apply_overrides(recipe: dict, overrides: Iterable[str], source: str = "<reci
 
     Values are parsed as YAML (``1e-3`` → float, ``[64,64]`` → list). A bare section
     name (``sampler=rk4``) replaces the whole component with ``{name: rk4}``.
+
+    Raises:
+        RecipeError: (origin :data:`COMMAND_LINE`) an item without ``=``, a value that is
+            not valid YAML, or a path through a non-section.
     """
     recipe = copy.deepcopy(recipe)
     errors = []
@@ -105,7 +177,13 @@ def apply_overrides(recipe: dict, overrides: Iterable[str], source: str = "<reci
             errors.append(f"override {item!r}: expected key.path=value")
             continue
         key, raw = item.split("=", 1)
-        value = parse_yaml(raw) if raw != "" else None
+        try:
+            value = parse_yaml(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            hint = "" if isinstance(exc, yaml.constructor.ConstructorError) else "; quote text, close brackets"
+            errors.append(f"override {item!r}: the value {raw!r} is not valid YAML "
+                          f"[{_yaml_problem(exc, one_line=True)}]{hint}")
+            continue
         parts = key.strip().split(".")
         if len(parts) == 1 and parts[0] in COMPONENT_SECTIONS and isinstance(value, str):
             recipe[parts[0]] = {"name": value}
@@ -119,14 +197,15 @@ def apply_overrides(recipe: dict, overrides: Iterable[str], source: str = "<reci
         else:
             node[parts[-1]] = value
     if errors:
-        raise RecipeError(errors, source)
+        raise RecipeError(errors, source, origin=COMMAND_LINE)
     return recipe
 
 
 def _hints(obj: Callable) -> dict[str, Any]:
+    """Resolved annotations of ``obj``'s arguments, ``Annotated`` markers kept."""
     target = obj.__init__ if inspect.isclass(obj) else obj
     try:
-        return typing.get_type_hints(target)
+        return typing.get_type_hints(target, include_extras=True)
     except Exception:  # unresolvable annotations: no type checks, still signature checks
         return {}
 
@@ -135,25 +214,25 @@ def component_arguments(obj: Callable) -> inspect.Signature:
     return inspect.signature(obj)
 
 
-def _yaml_scalar(value: Any) -> str:
-    """A choice as a recipe writes it (``true``, not ``True``)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def _check_value(path: str, value: Any, hint: Any) -> Optional[str]:
-    origin = typing.get_origin(hint)
-    if origin is typing.Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            shown = ", ".join(_yaml_scalar(c) for c in choices)
-            return f"{path}: {value!r} is not one of: {shown}{did_you_mean(str(value), [str(c) for c in choices])}"
-    if hint in (int,) and (not isinstance(value, int) or isinstance(value, bool)):
-        return f"{path}: expected an integer, got {value!r}"
-    if hint in (float,) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-        return f"{path}: expected a number, got {value!r}"
-    if hint in (bool,) and not isinstance(value, bool):
-        return f"{path}: expected true or false, got {value!r}"
-    return None
+    """``"path: problem"`` if ``value`` breaks its declared type or constraints, else None
+    (:func:`flowkit.constraints.check_value`: finite floats, no bools as numbers, lists
+    element by element, ``Optional``, ``Literal``, ``Annotated`` markers)."""
+    return check_value(path, value, hint)
+
+
+def _check_rules(section: str, rules: Iterable[Rule], args: Mapping[str, Any], bad: set[str],
+                 errors: list[str]) -> None:
+    """Run the declared cross-argument ``rules`` whose arguments all passed their own checks."""
+    for rule in rules:
+        if bad.intersection(rule.keys) or not set(rule.keys) <= set(args):
+            continue
+        try:
+            found = rule.check(args)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+            continue  # values a rule cannot read (an argument without a declared type): the constructor decides
+        if found is not None:
+            errors.append(f"{section}.{found[0]}: {found[1]}")
 
 
 def _validate_component(section: str, spec: Any, registry: Registry, injected: tuple[str, ...],
@@ -178,6 +257,7 @@ def _validate_component(section: str, spec: Any, registry: Registry, injected: t
     allowed = [k for k in params if k not in injected]
     hints = _hints(obj)
     nested: Mapping[str, Registry] = getattr(obj, "nested", {})
+    bad: set[str] = set()
     for key, value in spec.items():
         if key == "name":
             continue
@@ -188,14 +268,22 @@ def _validate_component(section: str, spec: Any, registry: Registry, injected: t
             hint = did_you_mean(key, allowed)
             errors.append(f"{path}: unknown argument of {name}{hint}; valid: {', '.join(allowed) or '(none)'}")
         elif key in nested:
+            before = len(errors)
             _validate_component(path, value, nested[key], (), errors)
+            if len(errors) > before:
+                bad.add(key)
         elif key in hints:
             problem = _check_value(path, value, hints[key])
             if problem:
                 errors.append(problem)
+                bad.add(key)
     for key, p in params.items():
         if p.default is p.empty and key not in injected and key not in spec:
             errors.append(f"{section}.{key}: required argument of {name} is missing")
+            bad.add(key)
+    args = {k: p.default for k, p in params.items() if p.default is not p.empty and k not in injected}
+    args.update((k, v) for k, v in spec.items() if k != "name")
+    _check_rules(section, getattr(obj, "argument_rules", ()), args, bad, errors)
 
 
 def _validate_settings(section: str, spec: Any, cls: type, errors: list[str]) -> None:
@@ -205,19 +293,62 @@ def _validate_settings(section: str, spec: Any, cls: type, errors: list[str]) ->
         errors.append(f"{section}: expected a mapping, got {spec!r}")
         return
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    bad: set[str] = set()
     for key, value in spec.items():
         path = f"{section}.{key}"
         if key not in fields:
             errors.append(f"{path}: unknown setting{did_you_mean(key, list(fields))}; valid: {', '.join(fields)}")
+            bad.add(key)
             continue
         problem = _check_value(path, value, hints[key])
         if problem:
             errors.append(problem)
+            bad.add(key)
+    args = {k: v for k, v in dataclasses.asdict(cls()).items()}
+    args.update(spec)
+    _check_rules(section, getattr(cls, "argument_rules", ()), args, bad, errors)
+
+
+#: what a sampler that declares nothing is taken to need: an ODE field
+DEFAULT_NEEDS = frozenset({"velocity"})
+
+
+def _component_name(recipe: Mapping, section: str, registry: Registry) -> Optional[str]:
+    spec = recipe.get(section)
+    name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, dict) else None
+    return name if isinstance(name, str) and name in registry else None
+
+
+def _check_sampler_fits(recipe: Mapping, errors: list[str]) -> None:
+    """The sampler's declared ``needs`` must be among the objective's declared ``provides``."""
+    objective = _component_name(recipe, "objective", OBJECTIVES)
+    sampler = _component_name(recipe, "sampler", SAMPLERS) if "sampler" in recipe \
+        else default_sampler({})["name"]
+    if objective is None or sampler is None:
+        return
+    provides = frozenset(getattr(OBJECTIVES.get(objective), "provides", DEFAULT_NEEDS))
+
+    def needs(name: str) -> frozenset[str]:
+        return frozenset(getattr(SAMPLERS.get(name), "needs", DEFAULT_NEEDS))
+
+    missing = needs(sampler) - provides
+    if missing:
+        fit = [n for n in SAMPLERS.names() if needs(n) <= provides]
+        errors.append(f"sampler.name: {sampler} needs a flow with {', '.join(sorted(needs(sampler)))}; "
+                      f"objective {objective} provides {', '.join(sorted(provides))} only (no "
+                      f"{', '.join(sorted(missing))}); choose one of: {', '.join(fit)}")
 
 
 def validate(recipe: Mapping, source: str = "<recipe>") -> None:
-    """Check a whole recipe; raise :class:`RecipeError` listing every problem."""
+    """Check a whole recipe; raise :class:`RecipeError` listing every problem.
+
+    Checks every section and name, every argument against the component's signature
+    and declared type/range (:mod:`flowkit.constraints`), each component's
+    ``argument_rules``, and that the sampler's ``needs`` are among what the objective's
+    flow ``provides`` (an SDE sampler on an objective without a score fails here, not at
+    the first sample of a training run).
+    """
     errors: list[str] = []
     if not isinstance(recipe, Mapping):
         raise RecipeError(["the top level must be a mapping of sections"], source)
@@ -232,6 +363,7 @@ def validate(recipe: Mapping, source: str = "<recipe>") -> None:
             _validate_component(section, recipe[section], registry, INJECTED[section], errors)
     for section, cls in SETTINGS_SECTIONS.items():
         _validate_settings(section, recipe.get(section), cls, errors)
+    _check_sampler_fits(recipe, errors)
     if errors:
         raise RecipeError(errors, source)
 

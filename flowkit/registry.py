@@ -35,9 +35,17 @@ class RegistryError(KeyError):
 
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    """Return ``" (did you mean X?)"`` for the closest choice, or ``""``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    """Return ``" (did you mean X?)"`` for the closest choice, or ``""``.
+
+    Equally close choices resolve to the one listed first (``dopri`` → ``dopri5``, not
+    ``dopri8``).
+    """
+    close = difflib.get_close_matches(word, list(choices), n=len(choices) or 1, cutoff=0.6)
+    if not close:
+        return ""
+    score = {c: difflib.SequenceMatcher(None, word, c).ratio() for c in close}
+    best = max(score.values())
+    return f" (did you mean {next(c for c in choices if score.get(c) == best)}?)"
 
 
 class Registry:
@@ -99,6 +107,14 @@ class Registry:
         """First line of the component's docstring."""
         self.get(name)
         return self._help[name]
+
+    def arguments(self, name: str, skip: tuple[str, ...] = ()) -> list[str]:
+        """``arg: type and range = default`` for each argument of ``name``, from its declared
+        annotations (:func:`flowkit.constraints.describe_arguments`); ``skip`` leaves out
+        arguments flowkit supplies itself."""
+        from .constraints import describe_arguments
+
+        return describe_arguments(self.get(name), skip)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

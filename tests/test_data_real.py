@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import flowkit
+from flowkit.data import DataError
 from flowkit.data_real import DataUnavailable, HFDataset, dequantise, load_maf, logit_transform
 from flowkit.likelihood import bits_per_dim
 
@@ -56,7 +57,7 @@ def test_hf_local_csv_parquet_and_missing(tmp_path):
         x, y = d.train_batch(8, torch.Generator().manual_seed(0))
         assert x.shape == (8, 2) and d.shape == (2,) and y is not None
         assert d.test_set(100)[0].shape == (5, 2)  # last 10 % held out
-    with pytest.raises(DataUnavailable, match="no column"):
+    with pytest.raises(DataError, match="no column"):
         HFDataset(str(tmp_path / "t.csv"), column=["zzz"])
 
 

@@ -81,7 +81,8 @@ def test_resume_continues_with_identical_state(tmp_path):
     flowkit.train(_recipe("train.steps=4", *opts), parted, progress=False)
     messages = []
     flowkit.train({}, parted, overrides=["train.steps=8"], resume=True, progress=False, log=messages.append)
-    assert "from step 4" in messages[0]
+    assert messages[0] == "flowkit train: 1 process (cpu)"
+    assert any("from step 4" in m for m in messages), messages
     a, b = load_checkpoint(straight), load_checkpoint(parted)
     assert a["step"] == b["step"] == 8
     for key in a["model"]:
@@ -107,23 +108,27 @@ def test_nan_loss_stops_cleanly_and_keeps_last_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(flowkit.TrainingDiverged, match="step 4"):
         flowkit.train({}, run, overrides=["train.steps=6"], resume=True, progress=False, log=lambda m: None)
     assert latest_checkpoint(run) == kept and load_checkpoint(run)["step"] == 3
-    assert main(["train", "unused.yaml", "train.steps=6", "--out", str(run), "--resume",
-                 "--no-progress"]) == 3
+    # on --resume the recipe file is compared with the run's: the same file, more steps
+    assert main(["train", str(ROOT / "recipes/ffjord_8gaussians.yaml"), *FAST, "train.steps=6", "--out", str(run),
+                 "--resume", "--no-progress"]) == 3
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     from flowkit import checkpoint
 
-    checkpoint.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)})
+    def state(step, w):  # what load_checkpoint accepts: step, model weights, recipe
+        return {"step": step, "model": {"w": w}, "recipe": {"data": {"name": "8gaussians"}}}
+
+    checkpoint.save_checkpoint(tmp_path, 1, state(1, torch.ones(2)))
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.os, "fsync", crash)
     with pytest.raises(OSError):
-        checkpoint.save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)})
+        checkpoint.save_checkpoint(tmp_path, 2, state(2, torch.zeros(2)))
     assert latest_checkpoint(tmp_path).name == "step_0000001.pt"
-    assert torch.equal(load_checkpoint(tmp_path)["w"], torch.ones(2))
+    assert torch.equal(load_checkpoint(tmp_path)["model"]["w"], torch.ones(2))
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 

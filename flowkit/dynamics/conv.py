@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence
+from typing import Annotated, Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..components import DYNAMICS
+from ..constraints import NonEmpty, Odd, PositiveInt
 from .base import ConditionEmbedding, activation, activation_derivative
 
 __all__ = ["ConcatConv2d", "ConcatConvNet", "ScaleView", "ScaleField", "squeeze", "unsqueeze",
@@ -186,10 +187,12 @@ class ConcatConvNet(nn.Module):
         torch.Size([3, 1, 8, 8])
     """
 
-    def __init__(self, dim: int, shape: Optional[Sequence[int]] = None, hidden: Sequence[int] = (64, 64, 64),
-                 kernel: int = 3, activation: Activation = "softplus", bottleneck: bool = False,
-                 channels_last: bool = False, fused: bool = True, num_classes: Optional[int] = None,
-                 cond_dim: Optional[int] = None, cond_embed: int = 16) -> None:
+    def __init__(self, dim: int, shape: Optional[Sequence[int]] = None,
+                 hidden: Annotated[Sequence[PositiveInt], NonEmpty()] = (64, 64, 64),
+                 kernel: Annotated[PositiveInt, Odd()] = 3, activation: Activation = "softplus",
+                 bottleneck: bool = False, channels_last: bool = False, fused: bool = True,
+                 num_classes: Optional[PositiveInt] = None, cond_dim: Optional[PositiveInt] = None,
+                 cond_embed: PositiveInt = 16) -> None:
         super().__init__()
         self.shape = _image_shape(shape, dim, "concat_conv")
         if kernel < 1 or kernel % 2 == 0:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..components import DYNAMICS
+from ..constraints import NonNegativeInt, PositiveFloat, PositiveInt
 from .base import ConditionEmbedding
 from .base import activation as make_activation
 
@@ -48,9 +49,9 @@ class FourierMLP(nn.Module):
         num_classes / cond_dim: optional conditioning, embedded to ``C`` and added to ``h_0``.
     """
 
-    def __init__(self, dim: int, channels: int = 128, layers: int = 3, activation: Activation = "gelu",
-                 max_frequency: float = 100.0, num_classes: Optional[int] = None,
-                 cond_dim: Optional[int] = None) -> None:
+    def __init__(self, dim: int, channels: PositiveInt = 128, layers: NonNegativeInt = 3,
+                 activation: Activation = "gelu", max_frequency: PositiveFloat = 100.0,
+                 num_classes: Optional[PositiveInt] = None, cond_dim: Optional[PositiveInt] = None) -> None:
         super().__init__()
         if channels < 1 or layers < 0:
             raise ValueError(f"channels must be >= 1 and layers >= 0, got {channels}, {layers}")

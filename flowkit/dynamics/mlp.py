@@ -9,17 +9,20 @@ and score-model baseline).
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Annotated, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..components import DYNAMICS
+from ..constraints import MultipleOf, NonNegative, PositiveInt
 from .base import ConditionEmbedding, TimeEmbedding, activation, activation_derivative, broadcast_time
 
 __all__ = ["ConcatSquashLinear", "ConcatSquashMLP", "MLP"]
 
 Activation = Literal["tanh", "softplus", "relu", "elu", "silu", "swish", "gelu"]
+#: 0 (``t`` itself) or an even number of sinusoidal features (sin and cos pairs)
+TimeFeatures = Annotated[int, NonNegative(), MultipleOf(2)]
 
 
 class ConcatSquashLinear(nn.Module):
@@ -56,9 +59,10 @@ class ConcatSquashMLP(nn.Module):
             ``hidden[0] < dim``).
     """
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (64, 64, 64), activation: Activation = "tanh",
-                 time_features: int = 0, num_classes: Optional[int] = None,
-                 cond_dim: Optional[int] = None, cond_embed: int = 16, bottleneck: bool = False) -> None:
+    def __init__(self, dim: int, hidden: Sequence[PositiveInt] = (64, 64, 64), activation: Activation = "tanh",
+                 time_features: TimeFeatures = 0, num_classes: Optional[PositiveInt] = None,
+                 cond_dim: Optional[PositiveInt] = None, cond_embed: PositiveInt = 16,
+                 bottleneck: bool = False) -> None:
         super().__init__()
         self.dim = dim
         self.bottleneck = bottleneck
@@ -133,9 +137,9 @@ class MLP(nn.Module):
         num_classes / cond_dim / cond_embed: optional conditioning.
     """
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (64, 64, 64), activation: Activation = "silu",
-                 time_features: int = 0, num_classes: Optional[int] = None,
-                 cond_dim: Optional[int] = None, cond_embed: int = 16) -> None:
+    def __init__(self, dim: int, hidden: Sequence[PositiveInt] = (64, 64, 64), activation: Activation = "silu",
+                 time_features: TimeFeatures = 0, num_classes: Optional[PositiveInt] = None,
+                 cond_dim: Optional[PositiveInt] = None, cond_embed: PositiveInt = 16) -> None:
         super().__init__()
         self.dim = dim
         self.time = TimeEmbedding(time_features)

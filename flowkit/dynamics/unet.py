@@ -18,13 +18,14 @@ classifier-free guidance). Input and output have the data's shape.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Annotated, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..components import DYNAMICS
+from ..constraints import NonEmpty, PositiveFloat, PositiveInt, Range, Rule
 from .base import ConditionEmbedding, TimeEmbedding, broadcast_time
 from .conv import _image_shape
 
@@ -86,10 +87,17 @@ class UNet(nn.Module):
         torch.Size([4, 1, 8, 8])
     """
 
-    def __init__(self, dim: int, shape: Optional[Sequence[int]] = None, base: int = 32,
-                 mults: Sequence[int] = (1, 2, 2), blocks: int = 1, groups: int = 8, dropout: float = 0.0,
-                 time_scale: float = 1000.0, num_classes: Optional[int] = None,
-                 cond_dim: Optional[int] = None, channels_last: bool = False) -> None:
+    argument_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(("groups", "base", "mults"), lambda a: all(a["base"] * m % a["groups"] == 0 for m in a["mults"]),
+             "groups={groups} must divide every level's width base × mults "
+             "({base} × {mults})"),
+    )
+
+    def __init__(self, dim: int, shape: Optional[Sequence[int]] = None, base: PositiveInt = 32,
+                 mults: Annotated[Sequence[PositiveInt], NonEmpty()] = (1, 2, 2), blocks: PositiveInt = 1,
+                 groups: PositiveInt = 8, dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.0,
+                 time_scale: PositiveFloat = 1000.0, num_classes: Optional[PositiveInt] = None,
+                 cond_dim: Optional[PositiveInt] = None, channels_last: bool = False) -> None:
         super().__init__()
         self.shape = _image_shape(shape, dim, "unet")
         if not mults or blocks < 1:

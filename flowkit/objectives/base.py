@@ -8,6 +8,7 @@ from typing import Callable, ClassVar, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from ..constraints import Rule
 from ..flow import Flow
 from ..registry import Registry
 
@@ -38,9 +39,20 @@ class Objective(nn.Module):
 
     ``nested`` maps constructor arguments that are themselves components
     (``{sde: {name: vp}}``) to the registry they come from.
+
+    Declarations read by :func:`flowkit.recipe.validate` (nothing is probed):
+
+    * ``provides`` — the parts of :data:`~flowkit.samplers.base.FLOW_PARTS` that
+      :meth:`flow` fills in (a contract test builds every objective and compares); a
+      sampler whose ``needs`` are not among them is refused before training;
+    * ``argument_rules`` — declared :class:`~flowkit.constraints.Rule` objects: constructor
+      arguments that cannot work together;
+    * the constructor's annotations — types and ranges (:mod:`flowkit.constraints`).
     """
 
     nested: ClassVar[Mapping[str, Registry]] = {}
+    provides: ClassVar[frozenset[str]] = frozenset({"velocity"})
+    argument_rules: ClassVar[tuple[Rule, ...]] = ()
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()

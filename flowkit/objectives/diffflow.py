@@ -126,12 +126,13 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ..components import OBJECTIVES
+from ..constraints import DropProbability, NonEmpty, PositiveFloat, PositiveInt, Rule
 from ..flow import Flow, StandardNormal
 from .base import DynamicsFactory, LossOutput, Objective, drop_condition
 
@@ -265,13 +266,25 @@ class DiffFlow(Objective):
         cond_dropout: probability of dropping the condition (classifier-free guidance).
     """
 
-    def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...], end_time: float = 0.05,
-                 g: float = 0.2, g_end: Optional[float] = None, steps: Sequence[int] = (30,),
-                 milestones: Sequence[int] = (), beta: float = 0.9,
+    # the PF-ODE velocity, the learned score and forward SDE; no Tweedie denoiser
+    provides: ClassVar[frozenset[str]] = frozenset({"velocity", "score", "drift", "diffusion"})
+    argument_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(("milestones", "steps"),
+             lambda a: len([a["steps"]] if isinstance(a["steps"], int) else a["steps"]) == len(a["milestones"]) + 1,
+             "steps needs one more entry than milestones, got steps={steps} and milestones={milestones}"),
+        Rule(("milestones",), lambda a: all(p < q for p, q in zip(a["milestones"], a["milestones"][1:])),
+             "milestones must increase, got {milestones}"),
+    )
+
+    def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...], end_time: PositiveFloat = 0.05,
+                 g: PositiveFloat = 0.2, g_end: Optional[PositiveFloat] = None,
+                 steps: Union[PositiveInt, Annotated[Sequence[PositiveInt], NonEmpty()]] = (30,),
+                 milestones: Sequence[PositiveInt] = (), beta: PositiveFloat = 0.9,
                  grid: Literal["fixed", "random"] = "random",
-                 gradient: Literal["adjoint", "naive"] = "adjoint", prior_std: Optional[float] = None,
-                 drift_hidden: Optional[Sequence[int]] = None, score_hidden: Optional[Sequence[int]] = None,
-                 cond_dropout: float = 0.0) -> None:
+                 gradient: Literal["adjoint", "naive"] = "adjoint", prior_std: Optional[PositiveFloat] = None,
+                 drift_hidden: Optional[Sequence[PositiveInt]] = None,
+                 score_hidden: Optional[Sequence[PositiveInt]] = None,
+                 cond_dropout: DropProbability = 0.0) -> None:
         super().__init__(shape)
         steps = [steps] if isinstance(steps, int) else list(steps)
         milestones = list(milestones)

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..components import OBJECTIVES
+from ..constraints import DropProbability, NonNegativeFloat, PositiveFloat, PositiveInt, Rule
 from ..divergence import sample_probe
 from ..flow import Flow, StandardNormal
 from ..likelihood import AugmentedDynamics, _probe_template
-from ..samplers.ode import ADAPTIVE, FIXED_STEP, odeint
+from ..samplers.ode import ADAPTIVE, FIXED_STEP, fixed_step_needs_steps, odeint
 from .base import DynamicsFactory, LossOutput, Objective, drop_condition
 
 __all__ = ["FFJORD", "TimeScaledField"]
@@ -143,15 +144,20 @@ class FFJORD(Objective):
         n_scales: number of scales (default: as many as the image allows, 3 for MNIST).
     """
 
-    def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...], blocks: int = 1,
-                 end_time: float = 0.5, learn_end_time: bool = True,
+    # a CNF defines only its ODE: no score, no SDE, no denoiser (ODE samplers only)
+    provides: ClassVar[frozenset[str]] = frozenset({"velocity"})
+    argument_rules: ClassVar[tuple[Rule, ...]] = (fixed_step_needs_steps,)
+
+    def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...], blocks: PositiveInt = 1,
+                 end_time: PositiveFloat = 0.5, learn_end_time: bool = True,
                  divergence: Literal["exact", "hutchinson"] = "exact",
                  noise: Literal["rademacher", "gaussian"] = "rademacher",
                  method: Literal["dopri5", "bosh3", "adaptive_heun", "euler", "midpoint", "heun", "rk4"] = "dopri5",
-                 rtol: float = 1e-5, atol: float = 1e-5, steps: Optional[int] = None,
-                 per_sample_norm: bool = False, adjoint: bool = False, kinetic: float = 0.0,
-                 jacobian: float = 0.0, cond_dropout: float = 0.0, compile: CompileMode = False,
-                 multiscale: bool = False, n_scales: Optional[int] = None) -> None:
+                 rtol: PositiveFloat = 1e-5, atol: PositiveFloat = 1e-5, steps: Optional[PositiveInt] = None,
+                 per_sample_norm: bool = False, adjoint: bool = False, kinetic: NonNegativeFloat = 0.0,
+                 jacobian: NonNegativeFloat = 0.0, cond_dropout: DropProbability = 0.0,
+                 compile: CompileMode = False, multiscale: bool = False,
+                 n_scales: Optional[PositiveInt] = None) -> None:
         super().__init__(shape)
         if blocks < 1:
             raise ValueError("blocks must be >= 1")

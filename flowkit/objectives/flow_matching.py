@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..components import COUPLINGS, OBJECTIVES, PATHS
+from ..constraints import DropProbability, FiniteFloat, PositiveFloat, PositiveInt
 from ..couplings import Coupling, Independent, Sinkhorn, Teacher
 from ..flow import Flow, StandardNormal
 from ..paths import EDGE, CondOT, GaussianPath
@@ -124,11 +125,13 @@ class CFM(Objective):
     """
 
     nested: ClassVar[Mapping[str, Registry]] = {"path": PATHS, "coupling": COUPLINGS}
+    # the velocity of a Gaussian path gives its score, denoiser and forward SDE (see flow())
+    provides: ClassVar[frozenset[str]] = frozenset({"velocity", "score", "drift", "diffusion", "denoise"})
 
     def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...],
                  path: Optional[GaussianPath] = None, coupling: Optional[Coupling] = None,
-                 time_sampler: TimeSampler = "uniform", logit_mean: float = 0.0,
-                 logit_std: float = 1.0, cond_dropout: float = 0.0) -> None:
+                 time_sampler: TimeSampler = "uniform", logit_mean: FiniteFloat = 0.0,
+                 logit_std: PositiveFloat = 1.0, cond_dropout: DropProbability = 0.0) -> None:
         super().__init__(shape)
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
@@ -208,10 +211,13 @@ class SBCFM(CFM):
     """
 
     nested: ClassVar[Mapping[str, Registry]] = {"coupling": COUPLINGS}
+    # the Brownian bridge is not an affine Gaussian path: no score conversion (ODE samplers only)
+    provides: ClassVar[frozenset[str]] = frozenset({"velocity"})
 
-    def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...], sigma: float = 0.5,
+    def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...], sigma: PositiveFloat = 0.5,
                  coupling: Optional[Coupling] = None, time_sampler: TimeSampler = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0, cond_dropout: float = 0.0) -> None:
+                 logit_mean: FiniteFloat = 0.0, logit_std: PositiveFloat = 1.0,
+                 cond_dropout: DropProbability = 0.0) -> None:
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         super().__init__(dynamics, shape, path=CondOT(),
@@ -257,11 +263,12 @@ class RectifiedFlow(CFM):
     nested: ClassVar[Mapping[str, Registry]] = {"path": PATHS}
 
     def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...], teacher: str,
-                 teacher_steps: Optional[int] = None,
+                 teacher_steps: Optional[PositiveInt] = None,
                  method: Literal["dopri5", "euler", "midpoint", "heun", "rk4"] = "dopri5",
-                 steps: int = 16, rtol: float = 1e-5, atol: float = 1e-5, guidance: float = 0.0,
-                 path: Optional[GaussianPath] = None, time_sampler: TimeSampler = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0, cond_dropout: float = 0.0) -> None:
+                 steps: PositiveInt = 16, rtol: PositiveFloat = 1e-5, atol: PositiveFloat = 1e-5,
+                 guidance: FiniteFloat = 0.0, path: Optional[GaussianPath] = None,
+                 time_sampler: TimeSampler = "uniform", logit_mean: FiniteFloat = 0.0,
+                 logit_std: PositiveFloat = 1.0, cond_dropout: DropProbability = 0.0) -> None:
         coupling = Teacher(teacher, train_steps=teacher_steps, method=method, steps=steps,
                            rtol=rtol, atol=atol, guidance=guidance)
         super().__init__(dynamics, shape, path=path, coupling=coupling, time_sampler=time_sampler,

@@ -89,12 +89,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Mapping, Optional
+from typing import Annotated, ClassVar, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..components import OBJECTIVES, SDES
+from ..constraints import AtLeast, DropProbability, Rule
 from ..diffusion import flow_from_score
 from ..flow import Field, Flow
 from ..paths import GaussianPath, VP
@@ -195,13 +196,21 @@ class ScoreMatching(Objective):
     """
 
     nested: ClassVar[Mapping[str, Registry]] = {"sde": SDES}
+    # flow_from_score: PF-ODE velocity, score, forward SDE and Tweedie's denoiser
+    provides: ClassVar[frozenset[str]] = frozenset({"velocity", "score", "drift", "diffusion", "denoise"})
+    argument_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(("importance_sampling", "weighting"),
+             lambda a: not a["importance_sampling"] or a["weighting"] == "likelihood",
+             "importance sampling draws t with density ∝ g²/σ², which only cancels the likelihood "
+             "weighting; set weighting: likelihood (got {weighting!r})"),
+    )
 
     def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...],
                  sde: Optional[GaussianPath] = None,
                  weighting: Literal["sigma2", "likelihood"] = "sigma2",
                  importance_sampling: bool = False,
                  parameterisation: Literal["score", "eps"] = "eps",
-                 cond_dropout: float = 0.0, grid: int = 4097) -> None:
+                 cond_dropout: DropProbability = 0.0, grid: Annotated[int, AtLeast(2)] = 4097) -> None:
         super().__init__(shape)
         if weighting not in ("sigma2", "likelihood"):
             raise ValueError(f"weighting must be 'sigma2' or 'likelihood', got {weighting!r}")

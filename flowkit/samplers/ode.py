@@ -19,16 +19,27 @@ through torchdiffeq's ``odeint_adjoint`` in either time direction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["odeint", "Solution", "FIXED_STEP", "ADAPTIVE", "per_sample_rms_norm", "CountingField"]
+from ..constraints import Rule
+
+__all__ = ["odeint", "Solution", "FIXED_STEP", "ADAPTIVE", "ODEMethod", "fixed_step_needs_steps",
+           "per_sample_rms_norm", "CountingField"]
 
 # stages per step of the fixed-step methods
 FIXED_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 ADAPTIVE = ("dopri5", "bosh3", "adaptive_heun", "dopri8", "fehlberg2")
+
+#: every ``method`` :func:`odeint` accepts, as a type recipes are checked against
+ODEMethod = Literal[ADAPTIVE + tuple(FIXED_STEP)]  # type: ignore[valid-type]
+
+#: declared on components with ``method`` and ``steps`` arguments: fixed-step methods need steps
+fixed_step_needs_steps = Rule(("steps", "method"), lambda a: a["method"] not in FIXED_STEP or a["steps"] is not None,
+                              "fixed-step method {method!r} needs steps >= 1 (or choose an adaptive "
+                              "method: " + ", ".join(ADAPTIVE) + ")")
 
 
 @dataclass

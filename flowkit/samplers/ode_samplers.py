@@ -9,15 +9,19 @@ with ``x`` drawn from ``flow.prior``. ``dopri5`` is adaptive RK45 (FFJORD's solv
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 from torch import Tensor
 
 from ..components import SAMPLERS
+from ..constraints import AtLeast, FiniteFloat, PositiveFloat, PositiveInt
 from ..flow import Flow, guided
-from .base import SampleResult
-from .ode import ADAPTIVE, FIXED_STEP, odeint
+from .base import SampleResult, declare
+from .ode import ADAPTIVE, FIXED_STEP, fixed_step_needs_steps, odeint
+
+#: times per segment returned when > 2 (2: the end points only, no trajectory)
+NTimes = Annotated[int, AtLeast(2)]
 
 __all__ = ["integrate_flow", "dopri5", "euler", "midpoint", "heun", "rk4", "probability_flow"]
 
@@ -46,17 +50,18 @@ def integrate_flow(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, meth
 
 
 @SAMPLERS.register("dopri5")
-def dopri5(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, rtol: float = 1e-5,
-           atol: float = 1e-5, per_sample_norm: bool = False, guidance: float = 0.0,
-           n_times: int = 2) -> SampleResult:
+@declare(needs=("velocity",))
+def dopri5(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, rtol: PositiveFloat = 1e-5,
+           atol: PositiveFloat = 1e-5, per_sample_norm: bool = False, guidance: FiniteFloat = 0.0,
+           n_times: NTimes = 2) -> SampleResult:
     """Adaptive RK45 (Dormand–Prince) on the flow's ODE, via torchdiffeq."""
     return integrate_flow(flow, x, cond=cond, method="dopri5", rtol=rtol, atol=atol,
                           per_sample_norm=per_sample_norm, guidance=guidance, n_times=n_times)
 
 
 def _fixed(method: str):
-    def sampler(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: int = 100,
-                guidance: float = 0.0, n_times: int = 2) -> SampleResult:
+    def sampler(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: PositiveInt = 100,
+                guidance: FiniteFloat = 0.0, n_times: NTimes = 2) -> SampleResult:
         return integrate_flow(flow, x, cond=cond, method=method, steps=steps, guidance=guidance,
                               n_times=n_times)
 
@@ -64,7 +69,7 @@ def _fixed(method: str):
     sampler.__name__ = method
     sampler.__doc__ = (f"Fixed-step {method} on the flow's ODE: exactly steps × {stages} "
                        f"evaluation{'s' * (stages > 1)} per block.")
-    return SAMPLERS.register(method)(sampler)
+    return SAMPLERS.register(method)(declare(needs=("velocity",))(sampler))
 
 
 euler = _fixed("euler")
@@ -74,10 +79,11 @@ rk4 = _fixed("rk4")
 
 
 @SAMPLERS.register("probability_flow")
+@declare(needs=("velocity",), argument_rules=(fixed_step_needs_steps,))
 def probability_flow(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None,
                      method: Literal["dopri5", "bosh3", "adaptive_heun", "euler", "midpoint", "heun", "rk4"] = "dopri5",
-                     rtol: float = 1e-5, atol: float = 1e-5, steps: Optional[int] = None,
-                     per_sample_norm: bool = False, guidance: float = 0.0, n_times: int = 2) -> SampleResult:
+                     rtol: PositiveFloat = 1e-5, atol: PositiveFloat = 1e-5, steps: Optional[PositiveInt] = None,
+                     per_sample_norm: bool = False, guidance: FiniteFloat = 0.0, n_times: NTimes = 2) -> SampleResult:
     """The probability-flow ODE dx/dt = f − ½g²∇log p_t (Song et al. 2021, eq. 13), any solver."""
     if method in FIXED_STEP and steps is None:
         raise ValueError(f"probability_flow with fixed-step method {method!r} needs steps")

@@ -41,12 +41,20 @@ import torch
 from torch import Tensor
 
 from ..components import SAMPLERS
+from ..constraints import FiniteFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Rule, Seed
 from ..flow import Flow, guided
-from .base import SampleResult
+from .base import SampleResult, declare
 
 __all__ = ["euler_maruyama", "predictor_corrector"]
 
 _BACKENDS = ("loop", "torchsde")
+
+#: what both samplers use from a flow (``denoise`` too when the flow has one)
+SDE_NEEDS = ("score", "drift", "diffusion")
+
+_torchsde_uniform = Rule(("grid_power", "backend"), lambda a: a["backend"] != "torchsde" or a["grid_power"] == 1.0,
+                         "backend 'torchsde' takes uniform steps (grid_power 1); use backend 'loop' with "
+                         "grid_power {grid_power!r}")
 
 
 def _call(fn: Callable[..., Tensor], t: Tensor, x: Tensor, cond: Optional[Tensor]) -> Tensor:
@@ -118,10 +126,11 @@ def _check(steps: int, **positive: float) -> None:
 
 
 @SAMPLERS.register("euler_maruyama")
-def euler_maruyama(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: int = 500,
-                   denoise: bool = True, guidance: float = 0.0, seed: Optional[int] = None,
-                   backend: Literal["loop", "torchsde"] = "loop", noise_scale: float = 1.0,
-                   grid_power: float = 1.0) -> SampleResult:
+@declare(needs=SDE_NEEDS, argument_rules=(_torchsde_uniform,))
+def euler_maruyama(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: PositiveInt = 500,
+                   denoise: bool = True, guidance: FiniteFloat = 0.0, seed: Optional[Seed] = None,
+                   backend: Literal["loop", "torchsde"] = "loop", noise_scale: NonNegativeFloat = 1.0,
+                   grid_power: PositiveFloat = 1.0) -> SampleResult:
     r"""Euler–Maruyama on the reverse-time SDE (Song et al. 2021, eq. 6), ``steps`` uniform steps.
 
     ``x_{i+1} = x_i + [f(t_i, x_i) − g(t_i)² s(t_i, x_i)] h + g(t_i) sqrt(−h) z_i`` with
@@ -236,9 +245,10 @@ def _torchsde_euler(rev: _Reverse, x: Tensor, times: Tensor, n: int, seed: Optio
 
 
 @SAMPLERS.register("predictor_corrector")
-def predictor_corrector(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: int = 500,
-                        corrector_steps: int = 1, snr: float = 0.16, denoise: bool = True,
-                        guidance: float = 0.0, seed: Optional[int] = None) -> SampleResult:
+@declare(needs=SDE_NEEDS)
+def predictor_corrector(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: PositiveInt = 500,
+                        corrector_steps: NonNegativeInt = 1, snr: PositiveFloat = 0.16, denoise: bool = True,
+                        guidance: FiniteFloat = 0.0, seed: Optional[Seed] = None) -> SampleResult:
     r"""Predictor–corrector sampling (Song et al. 2021, Algorithms 4 and 5).
 
     At each time ``t_i`` (from ``t1``) ``corrector_steps`` Langevin steps at ``t_i``,
