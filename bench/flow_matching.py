@@ -194,7 +194,8 @@ def time_ot(method: str, seed: int, repeats: int = 30) -> dict:
     and the pure-torch one for reference) vs the peer's."""
     if method != "otcfm":
         return {}
-    from flowkit.couplings import ExactOT, compiled_auction_available
+    from flowkit.couplings import ExactOT
+    from flowkit.ot import compiled_auction_available
 
     data = flowkit.data.get_dataset("8gaussians")
     gen = torch.Generator().manual_seed(seed)

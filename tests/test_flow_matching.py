@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import flowkit
+import flowkit.teacher
 from flowkit.couplings import Sinkhorn, Teacher
 from flowkit.evaluate import sample_metrics
 from flowkit.gmm import GaussianMixture, mixture_score_field
@@ -213,6 +214,7 @@ def test_rectified_flow_trains_on_teacher_pairs(icfm_run):
     run, teacher_built = icfm_run
     student = RectifiedFlow(lambda: flowkit.DYNAMICS.build("mlp", dim=2, hidden=[16]), (2,), teacher=str(run),
                             method="rk4", steps=8)
+    flowkit.teacher.attach_teacher(student)  # what flowkit.build does for an objective that needs_teacher
     assert isinstance(student.coupling, Teacher)
     assert not any("teacher" in k for k in student.state_dict())  # the teacher is not part of the model
     noise = torch.randn(64, 2)
@@ -220,5 +222,7 @@ def test_rectified_flow_trains_on_teacher_pairs(icfm_run):
     expected = flowkit.SAMPLERS.get("rk4")(teacher_built.objective.flow(), noise, steps=8).x
     assert z is noise and torch.allclose(x1, expected, atol=1e-5)
     assert torch.isfinite(student.loss(torch.zeros(64, 2)).loss)
+    missing = RectifiedFlow(lambda: nn.Identity(), (2,), teacher="no/such/run")
+    flowkit.teacher.attach_teacher(missing)
     with pytest.raises(FileNotFoundError, match="teacher"):
-        RectifiedFlow(lambda: nn.Identity(), (2,), teacher="no/such/run").loss(torch.zeros(2, 2))
+        missing.loss(torch.zeros(2, 2))

@@ -51,7 +51,9 @@ Rectified flow
 --------------
 ``rectified_flow`` (Liu et al. 2023, "reflow") trains the same loss on the deterministic
 coupling ``(teacher(ε), ε)`` of a trained flow (:class:`~flowkit.couplings.Teacher`) with
-the straight ``cond_ot`` path: the new flow is straighter and needs fewer steps.
+the straight ``cond_ot`` path: the new flow is straighter and needs fewer steps. The objective
+names its teacher (a run directory or a recipe); the application loads it and hands it over
+(:mod:`flowkit.teacher`), so this module neither loads runs nor integrates ODEs.
 
 References:
     Lipman, Chen, Ben-Hamu, Nickel, Le (2023). Flow Matching for Generative Modeling. ICLR.
@@ -74,6 +76,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Literal, Mapping, Optional
 
 import torch
@@ -82,13 +85,13 @@ from torch import Tensor
 
 from ..components import COUPLINGS, OBJECTIVES, PATHS
 from ..constraints import DropProbability, FiniteFloat, PositiveFloat, PositiveInt
-from ..couplings import Coupling, Independent, Sinkhorn, Teacher
+from ..couplings import Coupling, Independent, Sinkhorn, Teacher, TeacherMap
 from ..flow import Flow, StandardNormal
 from ..paths import EDGE, CondOT, GaussianPath
 from ..registry import Registry
 from .base import DynamicsFactory, LossOutput, Objective, drop_condition
 
-__all__ = ["CFM", "SBCFM", "RectifiedFlow", "sample_times"]
+__all__ = ["CFM", "SBCFM", "RectifiedFlow", "TeacherSpec", "sample_times"]
 
 TimeSampler = Literal["uniform", "logit_normal"]
 
@@ -242,6 +245,30 @@ class SBCFM(CFM):
         return Flow(velocity=self.net, prior=StandardNormal(self.shape), t0=0.0, t1=1.0)
 
 
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a ``rectified_flow`` objective asks of its teacher, as its recipe gives it.
+
+    :func:`flowkit.teacher.attach_teacher` turns it into the map its :class:`Teacher`
+    coupling is handed.
+
+    Attributes:
+        source: run directory of the trained flow, or a recipe ``.yaml`` to train first.
+        train_steps: ``train.steps`` for a recipe teacher (``None``: the recipe's own).
+        method, steps, rtol, atol: the solver integrating the teacher from noise to data
+            (``steps`` for the fixed-step methods, ``rtol``/``atol`` for ``dopri5``).
+        guidance: classifier-free guidance scale applied to a conditional teacher.
+    """
+
+    source: str
+    train_steps: Optional[int] = None
+    method: str = "dopri5"
+    steps: int = 16
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    guidance: float = 0.0
+
+
 @OBJECTIVES.register("rectified_flow")
 class RectifiedFlow(CFM):
     """Rectified flow / reflow (Liu et al. 2023): CFM on a trained flow's pairs (teacher(ε), ε).
@@ -249,11 +276,14 @@ class RectifiedFlow(CFM):
     The path defaults to the straight ``cond_ot``.
 
     The data batch only supplies the batch size and, for a conditional teacher, the labels.
+    The objective declares ``needs_teacher``: whoever builds it hands the teacher over
+    (:func:`flowkit.teacher.attach_teacher`; :func:`flowkit.build` does, lazily, so the
+    teacher is loaded — or trained — at the first batch and never for sampling a student).
 
     Args:
         dynamics, shape: set by flowkit.
         teacher: run directory of the trained flow, or a recipe ``.yaml`` to train first
-            (see :class:`~flowkit.couplings.Teacher`).
+            (see :mod:`flowkit.teacher`).
         teacher_steps: ``train.steps`` when ``teacher`` is a recipe (default: its own).
         method, steps, rtol, atol: the solver integrating the teacher from noise to data.
         guidance: classifier-free guidance scale applied to a conditional teacher.
@@ -261,6 +291,8 @@ class RectifiedFlow(CFM):
     """
 
     nested: ClassVar[Mapping[str, Registry]] = {"path": PATHS}
+    #: the application hands this objective its teacher (flowkit.teacher.attach_teacher)
+    needs_teacher: ClassVar[bool] = True
 
     def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...], teacher: str,
                  teacher_steps: Optional[PositiveInt] = None,
@@ -269,7 +301,17 @@ class RectifiedFlow(CFM):
                  guidance: FiniteFloat = 0.0, path: Optional[GaussianPath] = None,
                  time_sampler: TimeSampler = "uniform", logit_mean: FiniteFloat = 0.0,
                  logit_std: PositiveFloat = 1.0, cond_dropout: DropProbability = 0.0) -> None:
-        coupling = Teacher(teacher, train_steps=teacher_steps, method=method, steps=steps,
-                           rtol=rtol, atol=atol, guidance=guidance)
-        super().__init__(dynamics, shape, path=path, coupling=coupling, time_sampler=time_sampler,
-                         logit_mean=logit_mean, logit_std=logit_std, cond_dropout=cond_dropout)
+        if teacher_steps is not None and teacher_steps < 1:
+            raise ValueError(f"teacher_steps must be >= 1, got {teacher_steps}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        spec = TeacherSpec(str(teacher), teacher_steps, method, int(steps), float(rtol), float(atol),
+                           float(guidance))
+        super().__init__(dynamics, shape, path=path, coupling=Teacher(source=spec.source),
+                         time_sampler=time_sampler, logit_mean=logit_mean, logit_std=logit_std,
+                         cond_dropout=cond_dropout)
+        self.teacher_spec = spec
+
+    def attach_teacher(self, transport: TeacherMap) -> None:
+        """Hand over the teacher's map ``(noise, cond) -> data`` (see :class:`Teacher`)."""
+        self.coupling.attach(transport)

@@ -1,5 +1,5 @@
 /*
- * flowkit._auction: Bertsekas' auction algorithm for the dense square assignment problem,
+ * flowkit.ot._auction: Bertsekas' auction algorithm for the dense square assignment problem,
  * one bid at a time (Gauss-Seidel), with epsilon-scaling. CPU only; built when a C compiler
  * is present at install time (setup.py marks the extension optional), otherwise flowkit
  * uses its pure-torch solvers.
@@ -28,7 +28,7 @@
  * vectorised (Jacobi) auction in torch pays a dozen kernel launches per round for thousands
  * of rounds. One bid here is a single pass over a row that sits in L1 cache.
  *
- * The Python entry point takes raw addresses of contiguous CPU tensors; flowkit.couplings
+ * The Python entry point takes raw addresses of contiguous CPU tensors; flowkit.ot.compiled
  * checks dtype, shape, device and contiguity before calling it and keeps the tensors alive.
  */
 #define PY_SSIZE_T_CLEAN
@@ -258,13 +258,13 @@ static PyMethodDef methods[] = {
      "auction(n, cost_address, out_address, price_address, eps_start, eps_final, theta) -> bids\n\n"
      "Minimum-cost assignment of a contiguous float64 [n, n] cost (row-major) into a\n"
      "contiguous int64 [n] output; prices (float64 [n], in/out) start the first phase.\n"
-     "Use flowkit.couplings.optimal_assignment, which checks its arguments."},
+     "Use flowkit.ot.optimal_assignment, which checks its arguments."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_auction",
-    "Sequential epsilon-scaling auction for dense assignment (see flowkit.couplings).", -1,
+    "Sequential epsilon-scaling auction for dense assignment (see flowkit.ot).", -1,
     methods,
 };
 
