@@ -24,7 +24,7 @@ from .samplers.ode import odeint
 from .recipe import RecipeError, apply_overrides, build, load_recipe, validate
 from .train import TrainingDiverged, train
 from .run import load_run
-from .evaluate import evaluate_nll, generate, sample_metrics
+from .evaluate import Evaluation, evaluate_model, evaluate_nll, generate, sample_metrics
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,6 @@ __all__ = [
     "FieldError", "NonFiniteFieldError",
     "divergence", "sample_probe", "log_likelihood", "flow_log_likelihood", "bits_per_dim", "odeint",
     "RecipeError", "load_recipe", "apply_overrides", "validate", "build", "train",
-    "TrainingDiverged", "load_run", "evaluate_nll", "generate", "sample_metrics",
+    "TrainingDiverged", "load_run", "evaluate_model", "Evaluation", "evaluate_nll", "generate", "sample_metrics",
     "flow_from_score", "probability_flow_field", "score_log_likelihood", "GaussianMixture",
 ]

@@ -162,20 +162,9 @@ def _cmd_nll(args) -> int:
         cfg = replace(cfg, n=args.n)
     if args.batch_size:
         cfg = replace(cfg, batch_size=args.batch_size)
-    x, cond = built.dataset.test_set(cfg.n, seed=cfg.seed)
-    use_cond = cond if built.conditional else None
-    flow = built.objective.flow()
-    res = flowkit.evaluate_nll(flow, x.to(args.device), cfg, cond=None if use_cond is None else use_cond.to(args.device),
-                               log_scale=built.dataset.log_scale, discrete=built.dataset.discrete,
-                               log_det=built.dataset.model_log_det, progress=not args.json)
+    res = flowkit.evaluate_model(built.objective, built.dataset, built.sampler, cfg, conditional=built.conditional,
+                                 device=args.device, progress=not args.json).metrics
     res["step"] = step
-    if cfg.metrics and x[0].numel() <= 64:
-        n = min(cfg.metric_samples, cfg.n)
-        gen = flowkit.generate(flow, built.sampler, n, cond=None if use_cond is None else use_cond[:n],
-                               seed=cfg.seed, device=args.device)
-        fresh, _ = built.dataset.test_set(n, seed=cfg.seed + 1)
-        res.update(flowkit.sample_metrics(gen.x.cpu(), fresh))
-        res["sample_nfe"] = gen.nfe
     if args.json:
         print(json.dumps(res))
     else:

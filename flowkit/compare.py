@@ -80,22 +80,18 @@ def compare(recipes: Sequence[str], out: str | Path, *, overrides: Sequence[str]
             continue
         try:
             built, step = flowkit.load_run(run_dir)
-            cfg = eval_cfg or built.eval
-            x, cond = built.dataset.test_set(cfg.n, seed=cfg.seed)
-            flow = built.objective.flow()
-            res = flowkit.evaluate_nll(flow, x, cfg, log_scale=built.dataset.log_scale,
-                                       discrete=built.dataset.discrete, log_det=built.dataset.model_log_det)
-            gen = flowkit.generate(flow, built.sampler, samples, seed=cfg.seed)
+            cfg = replace(eval_cfg or built.eval, metric_samples=samples)
+            ev = flowkit.evaluate_model(built.objective, built.dataset, built.sampler, cfg,
+                                        conditional=built.conditional)
+            res = ev.metrics
             row.update(status="ok", step=step, nll=round(res["nll"], 4), nll_sem=round(res["nll_sem"], 4),
                        bpd=None if res["bpd"] is None else round(res["bpd"], 4), nll_nfe=round(res["nfe"], 1),
-                       sample_nfe=gen.nfe, sampler=getattr(built.sampler, "name", "?"),
+                       sample_nfe=res.get("sample_nfe"), sampler=getattr(built.sampler, "name", "?"),
                        parameters=sum(p.numel() for p in built.objective.parameters()))
-            if x[0].numel() <= 64:
-                fresh, _ = built.dataset.test_set(samples, seed=cfg.seed + 1)
-                row.update({k: round(v, 5) for k, v in flowkit.sample_metrics(gen.x, fresh).items()})
-            if x[0].numel() == 2:
-                panels.append((f"{name}\nNLL {res['nll']:.3f}", gen.x))
-                reference = fresh if reference is None else reference
+            row.update({k: round(res[k], 5) for k in ("energy_distance", "sliced_w2") if k in res})
+            if ev.samples is not None and ev.samples[0].numel() == 2:
+                panels.append((f"{name}\nNLL {res['nll']:.3f}", ev.samples))
+                reference = ev.reference if reference is None else reference
         except Exception as exc:  # report, do not abort the comparison
             row.update(status=f"evaluation failed: {exc}")
             panels.append((f"{name}\nfailed", None))

@@ -453,20 +453,19 @@ class Trainer:
         return last
 
     def _evaluate_and_log(self) -> None:
-        from .evaluate import evaluate_nll
+        """Test NLL (at most 2,000 points, no sample metrics) by the one evaluator, in data units."""
+        from .evaluate import evaluate_model
         from .flow import NonFiniteFieldError
         from dataclasses import replace
 
         if not self.accelerator.is_main_process:
             return
-        ev = replace(self.built.eval, n=min(self.built.eval.n, 2000))
-        x, cond = self.built.dataset.test_set(ev.n, seed=ev.seed)
+        ev = replace(self.built.eval, n=min(self.built.eval.n, 2000), metrics=False)
         model = self.eval_objective()
         model.eval()
         try:
-            res = evaluate_nll(model.flow(), x.to(self.accelerator.device), ev,
-                               cond=None, log_scale=self.built.dataset.log_scale,
-                               discrete=self.built.dataset.discrete)
+            res = evaluate_model(model, self.built.dataset, self.built.sampler, ev,
+                                 conditional=self.built.conditional, device=self.accelerator.device).metrics
         except NonFiniteFieldError as exc:  # the model itself went non-finite: not a user error
             raise self._diverged(f"the periodic evaluation found the model non-finite ({exc})") from None
         model.train()
