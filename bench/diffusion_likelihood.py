@@ -313,7 +313,7 @@ def profile(args) -> None:
             prof.disable()
             stats = pstats.Stats(prof)
             stats.sort_stats("tottime").print_stats(15)
-            stats.sort_stats("cumulative").print_stats(r"flowkit/(likelihood|divergence|diffusion|paths|samplers/ode)", 25)
+            stats.sort_stats("cumulative").print_stats(r"flowkit/(likelihood|divergence|diffusion|paths|solvers)", 25)
 
 
 def main(argv=None) -> int:

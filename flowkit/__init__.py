@@ -20,7 +20,7 @@ from . import couplings  # noqa: F401  (register couplings)
 from .diffusion import flow_from_score, probability_flow_field, score_log_likelihood
 from .gmm import GaussianMixture
 from . import dynamics, objectives, samplers  # noqa: F401  (register components)
-from .samplers.ode import odeint
+from .solvers import SolverSpec, odeint
 from .recipe import RecipeError, apply_overrides, build, load_recipe, validate
 from .train import TrainingDiverged, train
 from .run import load_run
@@ -32,7 +32,7 @@ __all__ = [
     "DYNAMICS", "OBJECTIVES", "SAMPLERS", "DATASETS", "SDES", "PATHS", "COUPLINGS",
     "Registry", "RegistryError", "all_registries", "Flow", "StandardNormal", "guided",
     "FieldError", "NonFiniteFieldError",
-    "divergence", "sample_probe", "log_likelihood", "flow_log_likelihood", "bits_per_dim", "odeint",
+    "divergence", "sample_probe", "log_likelihood", "flow_log_likelihood", "bits_per_dim", "odeint", "SolverSpec",
     "RecipeError", "load_recipe", "apply_overrides", "validate", "build", "train",
     "TrainingDiverged", "load_run", "evaluate_model", "Evaluation", "evaluate_nll", "generate", "sample_metrics",
     "flow_from_score", "probability_flow_field", "score_log_likelihood", "GaussianMixture",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, ClassVar, Literal, Optional
 
 from .constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, Rule, Seed
-from .samplers.ode import ODEMethod, fixed_step_needs_steps
+from .solvers import ODEMethod, SolverSpec, StepCount, Tolerance, fixed_step_needs_steps
 
 __all__ = ["TrainConfig", "EvalConfig"]
 
@@ -64,9 +64,10 @@ class EvalConfig:
         n: test points (≥ 1); batch_size: points per solve (≥ 1); seed: as for ``train``.
         divergence, noise, n_probes: exact trace, or Hutchinson's estimate with ``n_probes``
             (≥ 1) probes of the given noise.
-        method, rtol, atol, steps: the ODE solver (:data:`flowkit.samplers.ode.ODEMethod`);
-            tolerances > 0; a fixed-step method needs ``steps`` (≥ 1).
-        per_sample_norm: per-sample adaptive error norm.
+        method, rtol, atol, steps, per_sample_norm: the ODE solver of the likelihood solves,
+            one :class:`~flowkit.solvers.SolverSpec` (:attr:`solver`, validated when the
+            settings are made): a method of :data:`flowkit.solvers.METHODS`, tolerances > 0,
+            ``steps`` (≥ 1) for a fixed-step method, per-sample adaptive error norm.
         metrics, metric_samples: sample-quality metrics on ``metric_samples`` (≥ 1) samples.
     """
 
@@ -77,11 +78,20 @@ class EvalConfig:
     noise: Literal["rademacher", "gaussian"] = "rademacher"
     n_probes: PositiveInt = 1
     method: ODEMethod = "dopri5"
-    rtol: PositiveFloat = 1e-5
-    atol: PositiveFloat = 1e-5
-    steps: Optional[PositiveInt] = None
+    rtol: Tolerance = 1e-5
+    atol: Tolerance = 1e-5
+    steps: Optional[StepCount] = None
     per_sample_norm: bool = True
     metrics: bool = True
     metric_samples: PositiveInt = 2000
 
     argument_rules: ClassVar[tuple[Rule, ...]] = (fixed_step_needs_steps,)
+
+    def __post_init__(self) -> None:
+        self.solver  # noqa: B018 - builds the spec: invalid solver settings fail here, not at the first solve
+
+    @property
+    def solver(self) -> SolverSpec:
+        """The solver settings as one validated spec (what :func:`flowkit.evaluate_nll` solves with)."""
+        return SolverSpec(self.method, rtol=self.rtol, atol=self.atol, steps=self.steps,
+                          per_sample_norm=self.per_sample_norm)

@@ -29,7 +29,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ from torch import Tensor
 from .flow import Field, FieldError, Flow, Prior
 from .likelihood import Likelihood, check_data, log_likelihood
 from .paths import GaussianPath
+from .solvers import SolverSpec
 
 __all__ = ["probability_flow_field", "xt_score_to_field", "flow_from_score", "score_log_likelihood"]
 
@@ -128,14 +129,12 @@ def score_log_likelihood(
     estimator: Literal["exact", "hutchinson"] = "exact",
     noise: Literal["rademacher", "gaussian"] = "rademacher",
     n_probes: int = 1,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    method: str = "dopri5",
-    per_sample_norm: bool = True,
+    solver: Optional[SolverSpec] = None,
     prior: Optional[Prior] = None,
     t0: Optional[float] = None,
     t1: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
+    **settings: Any,
 ) -> Likelihood:
     r"""``log p_{t0}(x)`` under the probability-flow ODE of a score model (nats per sample).
 
@@ -158,11 +157,13 @@ def score_log_likelihood(
         cond: optional condition passed to ``score_fn``.
         estimator: ``"exact"`` trace or ``"hutchinson"`` (unbiased; FFJORD eq. 4).
         noise, n_probes: Hutchinson probe distribution and number averaged.
-        rtol, atol, method, per_sample_norm: ODE solver settings
-            (:func:`flowkit.samplers.ode.odeint`).
+        solver: the ODE solver (default :data:`flowkit.likelihood.LIKELIHOOD_SOLVER`:
+            ``dopri5``, ``rtol = atol = 1e-5``, per-sample error norm).
         prior: density at ``t1``.
         t0, t1: integration interval (defaults from ``path``).
         generator: random source of the Hutchinson probes.
+        **settings: instead of ``solver``, the :class:`~flowkit.solvers.SolverSpec` fields
+            that differ from that default (``rtol=1e-6``, ``method="rk4", steps=50``).
 
     A score model called under ``torch.no_grad()`` or ``torch.inference_mode()``, or returning
     ``.detach()``-ed output (the usual way of calling an external model), is fine: the
@@ -197,9 +198,8 @@ def score_log_likelihood(
     end = path.t1 if t1 is None else float(t1)
     return log_likelihood(field, x, path.prior(shape) if prior is None else prior,
                           times=(start, end), cond=cond, estimator=estimator, noise=noise,
-                          n_probes=n_probes, method=method, rtol=rtol, atol=atol,
-                          per_sample_norm=per_sample_norm, generator=generator,
-                          names=["score_fn (through the probability-flow velocity)"])
+                          n_probes=n_probes, solver=solver, generator=generator,
+                          names=["score_fn (through the probability-flow velocity)"], **settings)
 
 
 def _checked_score(score: Field) -> Field:

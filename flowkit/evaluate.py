@@ -47,6 +47,10 @@ def evaluate_nll(flow: Flow, x: Tensor, cfg: EvalConfig, *, cond: Optional[Tenso
         raise FieldError(f"cond: expected one condition per sample of x, shape [{x.shape[0]}, ...], got {got}")
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, numbers.Integral) or cfg.batch_size < 1:
         raise FieldError(f"eval.batch_size: expected a positive integer, got {cfg.batch_size!r}")
+    if isinstance(cfg.n_probes, bool) or not isinstance(cfg.n_probes, numbers.Integral) or cfg.n_probes < 1:
+        raise FieldError(f"eval.n_probes: expected a positive integer (Hutchinson probes averaged per sample), "
+                         f"got {cfg.n_probes!r}")
+    solver = cfg.solver
     start = time.perf_counter()
     nlls, nfes = [], []
     batches = range(0, x.shape[0], cfg.batch_size)
@@ -60,8 +64,7 @@ def evaluate_nll(flow: Flow, x: Tensor, cfg: EvalConfig, *, cond: Optional[Tenso
         cb = None if cond is None else cond[i:i + cfg.batch_size]
         try:
             out = flow_log_likelihood(flow, xb, cond=cb, estimator=cfg.divergence, noise=cfg.noise,
-                                      n_probes=cfg.n_probes, method=cfg.method, rtol=cfg.rtol, atol=cfg.atol,
-                                      steps=cfg.steps, per_sample_norm=cfg.per_sample_norm, generator=generator)
+                                      n_probes=cfg.n_probes, solver=solver, generator=generator)
         except FieldError as exc:
             if x.shape[0] <= cfg.batch_size:
                 raise
@@ -88,25 +91,26 @@ def evaluate_nll(flow: Flow, x: Tensor, cfg: EvalConfig, *, cond: Optional[Tenso
         "nfe": float(sum(nfes) / len(nfes)),
         "n": int(x.shape[0]),
         "divergence": cfg.divergence,
-        "rtol": cfg.rtol,
-        "atol": cfg.atol,
+        "rtol": solver.rtol,
+        "atol": solver.atol,
         "seconds": time.perf_counter() - start,
     }
 
 
 def generate(flow: Flow, sampler: Callable, n: int, *, cond: Optional[Tensor] = None, seed: int = 0,
              device: torch.device | str = "cpu", batch_size: int = 10000) -> SampleResult:
-    """Draw ``n`` samples: prior noise at ``t1`` pushed to data by ``sampler``."""
+    """Draw ``n`` samples: prior noise at ``t1`` pushed to data by ``sampler`` (whose ``solver``
+    the result reports)."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    outs, nfe = [], 0
+    outs, nfe, solver = [], 0, None
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)
         z = flow.prior.sample(m, generator=generator, device=device)
         cb = None if cond is None else cond[i:i + m].to(device)
         res = sampler(flow, z, cond=cb)
         outs.append(res.x.detach())
-        nfe = max(nfe, res.nfe)
-    return SampleResult(torch.cat(outs), nfe)
+        nfe, solver = max(nfe, res.nfe), res.solver
+    return SampleResult(torch.cat(outs), nfe, solver=solver)
 
 
 def sample_metrics(samples: Tensor, reference: Tensor) -> dict[str, float]:

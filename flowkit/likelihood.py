@@ -38,17 +38,21 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .divergence import DIFFERENTIATIONS, ESTIMATORS, NO_GRAPH, NOISES, divergence, finite_difference_step, sample_probe
 from .flow import FieldError, Flow, NonFiniteFieldError, Prior
-from .samplers.ode import odeint
+from .solvers import SolverSpec, as_solver, odeint
 
 __all__ = ["AugmentedDynamics", "log_likelihood", "flow_log_likelihood", "Likelihood", "bits_per_dim",
-           "FieldError", "NonFiniteFieldError", "check_data"]
+           "FieldError", "NonFiniteFieldError", "check_data", "LIKELIHOOD_SOLVER"]
+
+#: the solver of a likelihood solve unless told otherwise: dopri5 at 1e-5 with the per-sample
+#: error norm, so no sample's log-density change is less accurate than the tolerance says
+LIKELIHOOD_SOLVER = SolverSpec("dopri5", rtol=1e-5, atol=1e-5, per_sample_norm=True)
 
 
 class AugmentedDynamics(nn.Module):
@@ -176,13 +180,10 @@ def log_likelihood(
     estimator: str = "exact",
     noise: str = "rademacher",
     n_probes: int = 1,
-    method: str = "dopri5",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    per_sample_norm: bool = True,
-    steps: Optional[int] = None,
+    solver: Optional[SolverSpec] = None,
     generator: torch.Generator | None = None,
     names: Optional[Sequence[str]] = None,
+    **settings: Any,
 ) -> Likelihood:
     """``log p(x)`` of the flow ``dx/dt = velocity(t, x)`` whose density at ``times[-1]`` is ``prior``.
 
@@ -199,10 +200,13 @@ def log_likelihood(
         blocks: stacked fields applied in turn, each over ``times`` (``velocity`` unused then).
         estimator: ``"exact"`` trace or ``"hutchinson"``.
         noise, n_probes: Hutchinson probe distribution and number of probes averaged.
-        method, rtol, atol, per_sample_norm, steps: see :func:`flowkit.samplers.ode.odeint`.
+        solver: the ODE solver (default :data:`LIKELIHOOD_SOLVER`: ``dopri5``,
+            ``rtol = atol = 1e-5``, per-sample error norm).
         generator: random source of the Hutchinson probes.
         names: how messages refer to the fields, one per field (default ``velocity`` or
             ``blocks[i]``).
+        **settings: instead of ``solver``, the fields of :class:`~flowkit.solvers.SolverSpec`
+            that differ from :data:`LIKELIHOOD_SOLVER` (``method="rk4", steps=8``).
 
     Returns:
         :class:`Likelihood`, per sample.
@@ -213,6 +217,7 @@ def log_likelihood(
             ``n_probes < 1``, a field whose output is not shaped like ``x`` or differs
             between two calls on the same input, a prior whose ``log_prob`` is not ``[batch]``.
         NonFiniteFieldError: a field returned NaN or inf, for the data or during the solve.
+        flowkit.solvers.SolverError: invalid solver settings.
 
     Example:
         >>> A = torch.tensor([[-0.5, 0.0], [0.0, -1.0]])
@@ -221,20 +226,19 @@ def log_likelihood(
         >>> torch.allclose(out.delta, torch.full((3,), -1.5), atol=1e-4)
         True
     """
+    solver = as_solver(solver, LIKELIHOOD_SOLVER, **settings)
     fields = list(blocks) or [velocity]
     if names is None:
         names = [f"blocks[{i}]" for i in range(len(blocks))] if len(blocks) else ["velocity"]
     elif len(names) != len(fields):
         raise ValueError(f"names: expected {len(fields)} names, one per field, got {len(names)}")
     return _solve(fields, list(names), x, prior, times=times, cond=cond, estimator=estimator,
-                  noise=noise, n_probes=n_probes, method=method, rtol=rtol, atol=atol,
-                  per_sample_norm=per_sample_norm, steps=steps, generator=generator)
+                  noise=noise, n_probes=n_probes, solver=solver, generator=generator)
 
 
 def _solve(fields: Sequence[Callable], names: Sequence[str], x: Tensor, prior: Prior, *,
            times: Sequence[float], cond: Optional[Tensor], estimator: str, noise: str, n_probes: int,
-           method: str, rtol: float, atol: float, per_sample_norm: bool, steps: Optional[int],
-           generator: torch.Generator | None) -> Likelihood:
+           solver: SolverSpec, generator: torch.Generator | None) -> Likelihood:
     """:func:`log_likelihood` of the fields in turn, each checked once at its start (module docstring)."""
     check_data(x)
     _check_cond(cond, x)
@@ -254,8 +258,7 @@ def _solve(fields: Sequence[Callable], names: Sequence[str], x: Tensor, prior: P
                 aug.probe = sample_probe(template, noise, n_probes, generator=generator)
             with torch.no_grad():
                 state = aug.initial_state(x) if state is None else state
-                sol = odeint(aug, state, [times[0], times[-1]], method=method, rtol=rtol,
-                             atol=atol, per_sample_norm=per_sample_norm, steps=steps)
+                sol = odeint(aug, state, [times[0], times[-1]], solver)
                 state, nfe = sol.ys[-1], nfe + sol.nfe
         z = state[:, :dim].reshape(x.shape)
         delta = state[:, dim]

@@ -75,8 +75,7 @@ def flow_transport(flow: Flow, spec: TeacherSpec, *, conditional: bool = False) 
 
     Args:
         flow: the trained teacher.
-        spec: the solver settings (``method``, ``steps`` for the fixed-step methods,
-            ``rtol``/``atol`` for ``dopri5``, ``guidance``).
+        spec: its ``solver`` (a :class:`~flowkit.solvers.SolverSpec`) and ``guidance``.
         conditional: whether the teacher takes the batch's condition (otherwise it gets
             ``None``).
 
@@ -84,11 +83,9 @@ def flow_transport(flow: Flow, spec: TeacherSpec, *, conditional: bool = False) 
         The map, returning detached samples shaped like ``noise``.
     """
     std = getattr(flow.prior, "std", 1.0)
-    fixed = spec.method != "dopri5"
 
     def transport(noise: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        res = integrate_flow(flow, noise * std, cond=cond if conditional else None, method=spec.method,
-                             rtol=spec.rtol, atol=spec.atol, steps=spec.steps if fixed else None,
+        res = integrate_flow(flow, noise * std, solver=spec.solver, cond=cond if conditional else None,
                              guidance=spec.guidance)
         return res.x.detach()
 

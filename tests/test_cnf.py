@@ -8,7 +8,7 @@ import torch
 from flowkit.dynamics import ConcatSquashMLP
 from flowkit.flow import Flow, StandardNormal
 from flowkit.likelihood import log_likelihood
-from flowkit.samplers.ode import odeint
+from flowkit.solvers import odeint
 from flowkit.samplers.ode_samplers import integrate_flow
 
 A = torch.tensor([[-0.3, 0.8], [-0.5, 0.4]])

@@ -34,7 +34,7 @@ from flowkit.constraints import SEQUENCE_ORIGINS, Constraint, constraints_of
 from flowkit.flow import Flow, StandardNormal
 from flowkit.recipe import COMMAND_LINE, INJECTED, RecipeError, load_recipe, validate
 from flowkit.samplers.base import FLOW_PARTS
-from flowkit.samplers.ode import ADAPTIVE, FIXED_STEP
+from flowkit.solvers import ADAPTIVE, FIXED_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

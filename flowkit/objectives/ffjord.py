@@ -30,7 +30,7 @@ from ..constraints import DropProbability, NonNegativeFloat, PositiveFloat, Posi
 from ..divergence import sample_probe
 from ..flow import Flow, StandardNormal
 from ..likelihood import AugmentedDynamics, _probe_template
-from ..samplers.ode import ADAPTIVE, FIXED_STEP, fixed_step_needs_steps, odeint
+from ..solvers import CountingField, ODEMethod, SolverSpec, StepCount, Tolerance, fixed_step_needs_steps, odeint
 from .base import DynamicsFactory, LossOutput, Objective, drop_condition
 
 __all__ = ["FFJORD", "TimeScaledField"]
@@ -125,9 +125,10 @@ class FFJORD(Objective):
         learn_end_time: make ``T`` a trained parameter.
         divergence: ``exact`` trace or ``hutchinson`` estimate during training.
         noise: Hutchinson probe distribution.
-        method, rtol, atol, steps, per_sample_norm: training-time solver
-            (see :func:`flowkit.samplers.ode.odeint`).
-        adjoint: adjoint gradients (memory O(1) in the steps) instead of direct backprop.
+        method, rtol, atol, steps, per_sample_norm, adjoint: the training-time solver, kept as one
+            :class:`~flowkit.solvers.SolverSpec` in :attr:`solver` (any method of
+            :data:`flowkit.solvers.METHODS`; ``adjoint``: adjoint gradients, memory O(1) in
+            the steps, instead of direct backprop).
         kinetic: RNODE weight of the kinetic energy ``∫‖f‖² dt``.
         jacobian: RNODE weight of the Jacobian norm ``∫‖∂f/∂z‖²_F dt``.
         cond_dropout: probability of dropping the condition (classifier-free guidance).
@@ -152,20 +153,20 @@ class FFJORD(Objective):
                  end_time: PositiveFloat = 0.5, learn_end_time: bool = True,
                  divergence: Literal["exact", "hutchinson"] = "exact",
                  noise: Literal["rademacher", "gaussian"] = "rademacher",
-                 method: Literal["dopri5", "bosh3", "adaptive_heun", "euler", "midpoint", "heun", "rk4"] = "dopri5",
-                 rtol: PositiveFloat = 1e-5, atol: PositiveFloat = 1e-5, steps: Optional[PositiveInt] = None,
+                 method: ODEMethod = "dopri5",
+                 rtol: Tolerance = 1e-5, atol: Tolerance = 1e-5, steps: Optional[StepCount] = None,
                  per_sample_norm: bool = False, adjoint: bool = False, kinetic: NonNegativeFloat = 0.0,
                  jacobian: NonNegativeFloat = 0.0, cond_dropout: DropProbability = 0.0,
                  compile: CompileMode = False, multiscale: bool = False,
                  n_scales: Optional[PositiveInt] = None) -> None:
+        solver = SolverSpec(method, rtol=rtol, atol=atol, steps=steps, per_sample_norm=per_sample_norm,
+                            adjoint=adjoint)  # bad settings fail here, before anything is built
         super().__init__(shape)
         if blocks < 1:
             raise ValueError("blocks must be >= 1")
         if end_time <= 0:
             raise ValueError("end_time must be positive")
         compile_mode = _compile_mode(compile)  # a wrong mode fails here, before anything is built
-        if method in FIXED_STEP and not steps:
-            raise ValueError(f"fixed-step method {method!r} needs steps")
         if multiscale:
             from ..dynamics.conv import multiscale_fields
 
@@ -174,8 +175,7 @@ class FFJORD(Objective):
             nets = [dynamics() for _ in range(blocks)]
         self.blocks = nn.ModuleList(TimeScaledField(n, end_time, learn_end_time, compile_mode) for n in nets)
         self.divergence, self.noise = divergence, noise
-        self.solver = dict(method=method, rtol=rtol, atol=atol, steps=steps, per_sample_norm=per_sample_norm)
-        self.adjoint = adjoint
+        self.solver = solver
         self.kinetic, self.jacobian = kinetic, jacobian
         self.cond_dropout = cond_dropout
         self.prior = StandardNormal(self.shape)
@@ -198,12 +198,10 @@ class FFJORD(Objective):
             aug = AugmentedDynamics(block, self.shape, estimator=self.divergence, probe=probe,
                                     cond=cond, regularise=regularise, create_graph=True)
             state = aug.initial_state(x) if state is None else state
-            from ..samplers.ode import CountingField
-
             counted = CountingField(aug)
             counters.append(counted)
-            sol = odeint(counted, state, [0.0, 1.0], adjoint=self.adjoint,
-                         adjoint_params=tuple(block.parameters()) if self.adjoint else None, **self.solver)
+            sol = odeint(counted, state, [0.0, 1.0], self.solver,
+                         adjoint_params=tuple(block.parameters()) if self.solver.adjoint else None)
             state = sol.ys[-1]
         z = state[:, :dim].reshape(x.shape)
         log_prob = self.prior.log_prob(z) + state[:, dim]
@@ -220,6 +218,6 @@ class FFJORD(Objective):
 
         def backward_nfe() -> dict[str, float]:
             total = sum(c.nfe for c in counters)
-            return {"nfe_backward": float(total - forward_nfe) if self.adjoint else float(forward_nfe)}
+            return {"nfe_backward": float(total - forward_nfe) if self.solver.adjoint else float(forward_nfe)}
 
         return LossOutput(loss, metrics, backward_nfe)

@@ -89,6 +89,7 @@ from ..couplings import Coupling, Independent, Sinkhorn, Teacher, TeacherMap
 from ..flow import Flow, StandardNormal
 from ..paths import EDGE, CondOT, GaussianPath
 from ..registry import Registry
+from ..solvers import ODEMethod, SolverSpec, StepCount, Tolerance
 from .base import DynamicsFactory, LossOutput, Objective, drop_condition
 
 __all__ = ["CFM", "SBCFM", "RectifiedFlow", "TeacherSpec", "sample_times"]
@@ -255,17 +256,13 @@ class TeacherSpec:
     Attributes:
         source: run directory of the trained flow, or a recipe ``.yaml`` to train first.
         train_steps: ``train.steps`` for a recipe teacher (``None``: the recipe's own).
-        method, steps, rtol, atol: the solver integrating the teacher from noise to data
-            (``steps`` for the fixed-step methods, ``rtol``/``atol`` for ``dopri5``).
+        solver: the solver integrating the teacher from noise to data.
         guidance: classifier-free guidance scale applied to a conditional teacher.
     """
 
     source: str
     train_steps: Optional[int] = None
-    method: str = "dopri5"
-    steps: int = 16
-    rtol: float = 1e-5
-    atol: float = 1e-5
+    solver: SolverSpec = SolverSpec()
     guidance: float = 0.0
 
 
@@ -285,7 +282,10 @@ class RectifiedFlow(CFM):
         teacher: run directory of the trained flow, or a recipe ``.yaml`` to train first
             (see :mod:`flowkit.teacher`).
         teacher_steps: ``train.steps`` when ``teacher`` is a recipe (default: its own).
-        method, steps, rtol, atol: the solver integrating the teacher from noise to data.
+        method, steps, rtol, atol: the solver integrating the teacher from noise to data, kept
+            as one :class:`~flowkit.solvers.SolverSpec` in ``teacher_spec.solver`` (any method
+            of :data:`flowkit.solvers.METHODS`; ``steps`` is used by the fixed-step ones,
+            ``rtol``/``atol`` by the adaptive ones).
         guidance: classifier-free guidance scale applied to a conditional teacher.
         path, time_sampler, logit_mean, logit_std, cond_dropout: as for :class:`CFM`.
     """
@@ -296,16 +296,14 @@ class RectifiedFlow(CFM):
 
     def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...], teacher: str,
                  teacher_steps: Optional[PositiveInt] = None,
-                 method: Literal["dopri5", "euler", "midpoint", "heun", "rk4"] = "dopri5",
-                 steps: PositiveInt = 16, rtol: PositiveFloat = 1e-5, atol: PositiveFloat = 1e-5,
+                 method: ODEMethod = "dopri5",
+                 steps: StepCount = 16, rtol: Tolerance = 1e-5, atol: Tolerance = 1e-5,
                  guidance: FiniteFloat = 0.0, path: Optional[GaussianPath] = None,
                  time_sampler: TimeSampler = "uniform", logit_mean: FiniteFloat = 0.0,
                  logit_std: PositiveFloat = 1.0, cond_dropout: DropProbability = 0.0) -> None:
         if teacher_steps is not None and teacher_steps < 1:
             raise ValueError(f"teacher_steps must be >= 1, got {teacher_steps}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        spec = TeacherSpec(str(teacher), teacher_steps, method, int(steps), float(rtol), float(atol),
+        spec = TeacherSpec(str(teacher), teacher_steps, SolverSpec(method, rtol=rtol, atol=atol, steps=steps),
                            float(guidance))
         super().__init__(dynamics, shape, path=path, coupling=Teacher(source=spec.source),
                          time_sampler=time_sampler, logit_mean=logit_mean, logit_std=logit_std,

@@ -1,7 +1,9 @@
-"""Samplers: stateless functions ``sampler(flow, x, cond=None, **options) -> SampleResult``."""
+"""Samplers: stateless functions ``sampler(flow, x, cond=None, **options) -> SampleResult``.
+
+The ODE solver they use is not a sampler: it lives below them, in :mod:`flowkit.solvers`.
+"""
 
 from .base import FLOW_PARTS, SampleResult, declare
-from .ode import odeint, Solution
-from . import ode_samplers, sde
+from . import ode_samplers, sde  # noqa: F401  (register the samplers)
 
-__all__ = ["SampleResult", "FLOW_PARTS", "declare", "odeint", "Solution"]
+__all__ = ["SampleResult", "FLOW_PARTS", "declare"]

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Optional, Sequence, TypeVar
 from torch import Tensor
 
 from ..constraints import Rule
+from ..solvers import SolverSpec
 
 __all__ = ["SampleResult", "FLOW_PARTS", "declare"]
 
@@ -46,8 +47,10 @@ def declare(*, needs: Iterable[str], argument_rules: Sequence[Rule] = ()) -> Cal
 @dataclass
 class SampleResult:
     """``x``: samples at data time; ``nfe``: network evaluations per sample batch;
-    ``trajectory``: states at the requested times (``[n_times, B, ...]``) or None."""
+    ``trajectory``: states at the requested times (``[n_times, B, ...]``) or None;
+    ``solver``: the ODE solver that made ``x`` (None for the SDE samplers)."""
 
     x: Tensor
     nfe: int
     trajectory: Optional[Tensor] = None
+    solver: Optional[SolverSpec] = None
