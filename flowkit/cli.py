@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["main"]
 
@@ -74,6 +76,7 @@ def _cmd_train(args) -> int:
 
 
 def _parse_cond(value: Optional[str]):
+    """``--cond 3`` (a class label) or ``--cond 0.5,1.0`` (a vector)."""
     if value is None:
         return None
     import torch
@@ -81,7 +84,31 @@ def _parse_cond(value: Optional[str]):
     try:
         return torch.tensor(int(value))
     except ValueError:
-        return torch.tensor([float(v) for v in value.split(",")])
+        pass
+    try:
+        vector = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise ArgumentError(f"--cond {value}: expected a class label (an integer) or comma-separated "
+                            "numbers") from None
+    if not all(math.isfinite(v) for v in vector):
+        raise ArgumentError(f"--cond {value}: every number must be finite")
+    return torch.tensor(vector)
+
+
+def _check_device(device: str) -> None:
+    """``--device``: a device torch knows and this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ArgumentError(f"--device {device}: not a device torch knows (e.g. cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ArgumentError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ArgumentError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
 def _check_run(run: str) -> None:
@@ -108,23 +135,47 @@ def _check_out(out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ArgumentError(f"--out {out}: cannot create directory {out.parent} ({exc.strerror or exc})") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ArgumentError(f"--out {out}: directory {out.parent} is not writable")
+    try:  # write access as the file system sees it (os.access says yes to root on /proc)
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ArgumentError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from None
+
+
+def _write_output(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` then rename onto ``path``: a full disk leaves no truncated output."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        detail = exc.strerror or str(exc)
+        raise ArgumentError(f"--out {path}: could not write it ({detail}); nothing was left there") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _cmd_sample(args) -> int:
     out = Path(args.out)
     _check_count("--n", args.n)  # every argument before any work
     _check_run(args.run)
+    if not math.isfinite(args.guidance):
+        raise ArgumentError(f"--guidance must be a finite number, got {args.guidance}")
+    cond = _parse_cond(args.cond)
+    _check_device(args.device)
     _check_out(out)  # last: it creates the output's directory
     import numpy as np
-    import torch
     import flowkit
     from flowkit.plotting import plot_samples
 
     built, step = flowkit.load_run(args.run, args.overrides, ema=not args.no_ema, device=args.device)
+    if cond is not None and not built.conditional:
+        raise ArgumentError(f"--cond {args.cond}: the model of {args.run} takes no condition (its dynamics "
+                            "set neither num_classes nor cond_dim); leave --cond out")
     flow = built.objective.flow()
-    cond = _parse_cond(args.cond)
     if cond is not None:
         cond = cond.expand(args.n, *cond.shape) if cond.dim() else cond.expand(args.n)
     sampler = built.sampler
@@ -133,17 +184,21 @@ def _cmd_sample(args) -> int:
         sampler = lambda f, x, cond=None: base(f, x, cond=cond, guidance=args.guidance)  # noqa: E731
     res = flowkit.generate(flow, sampler, args.n, cond=cond, seed=args.seed, device=args.device)
     x = res.x.cpu()
-    if out.suffix == ".npy":
-        np.save(out, x.numpy())
-    elif out.suffix == ".png":
+
+    def save_array(path: Path) -> None:
+        with open(path, "wb") as fh:
+            np.save(fh, x.numpy())
+
+    if out.suffix == ".png":
         if x[0].numel() == 2:
             data, _ = built.dataset.test_set(args.n, seed=built.eval.seed)
-            plot_samples(x, out, data=data, title=f"{Path(args.run).name} step {step} (NFE {res.nfe})")
+            _write_output(out, lambda p: plot_samples(x, p, data=data,
+                                                      title=f"{Path(args.run).name} step {step} (NFE {res.nfe})"))
         else:
             from flowkit.plotting import plot_image_grid
 
-            plot_image_grid(x, out, dataset=built.dataset)
-        np.save(out.with_suffix(".npy"), x.numpy())
+            _write_output(out, lambda p: plot_image_grid(x, p, dataset=built.dataset))
+    _write_output(out.with_suffix(".npy"), save_array)
     print(f"wrote {args.n} samples to {out} (NFE {res.nfe}, sampler {getattr(built.sampler, 'name', '?')})")
     return 0
 
@@ -152,6 +207,7 @@ def _cmd_nll(args) -> int:
     _check_count("--n", args.n)
     _check_count("--batch-size", args.batch_size)
     _check_run(args.run)
+    _check_device(args.device)
     import flowkit
     from dataclasses import replace
 

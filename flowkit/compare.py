@@ -17,10 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 from .config import EvalConfig
-from .recipe import apply_overrides, load_recipe
+from .recipe import COMMAND_LINE, RecipeError, load_recipe
 
 __all__ = ["expand_runs", "compare"]
 
@@ -54,6 +53,12 @@ def compare(recipes: Sequence[str], out: str | Path, *, overrides: Sequence[str]
     out = Path(out)
     check_run_dir_path(out)
     runs = expand_runs(recipes, objectives)
+    names = [name for name, _, _ in runs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise RecipeError([f"two runs would be named {', '.join(twice)} (each run is named for its recipe file or "
+                           "objective, and trains into out/<name>); give each recipe its own file name"],
+                          ", ".join(map(str, recipes)), origin=COMMAND_LINE)
     for name, path, extra in runs:  # fail fast on invalid recipes, before any training
         flowkit.validate(load_recipe(path, [*extra, *overrides]), str(path))
     taken = [name for name, _, _ in runs if run_contents(out / name)]

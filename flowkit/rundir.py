@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .checkpoint import (CheckpointError, RunDirectoryError, RunWriteError, atomic_write_bytes, checkpoint_files,
                          find_intact_checkpoint, load_run_recipe, read_checkpoint)
+from .config import TrainConfig
 
 __all__ = ["RunLock", "RunDirectoryBusy", "RunExists", "ResumeMismatch", "LOCK_NAME", "run_contents",
            "check_run_dir_path", "refuse_existing_run", "clear_run", "remove_temp_files", "truncate_metrics",
@@ -38,6 +39,7 @@ __all__ = ["RunLock", "RunDirectoryBusy", "RunExists", "ResumeMismatch", "LOCK_N
 LOCK_NAME = ".flowkit.lock"
 # What cannot change on --resume: anything that shapes the saved weights or optimiser state,
 # or the data they were fitted to, and the seed (random streams are restored from the checkpoint).
+# The objective's solver settings (objective.rtol, .method, ...) are the exception: they may change.
 FIXED_ON_RESUME = ("data", "dynamics", "objective", "train.optimizer", "train.seed")
 
 
@@ -300,7 +302,17 @@ def _resolved(recipe: Mapping) -> dict[str, Any]:
     return flat
 
 
+def _solver_setting(key: str) -> bool:
+    """``objective.rtol`` and the like: how the objective integrates, not what it learns."""
+    from .solvers import SolverSpec
+
+    section, _, name = key.partition(".")
+    return section == "objective" and name in {f.name for f in dataclasses.fields(SolverSpec)}
+
+
 def _fixed(key: str, old: Any, new: Any) -> bool:
+    if _solver_setting(key):  # a tighter solver is the advice given on divergence: it may change
+        return False
     if key == "train.ema":  # the decay may change; EMA weights cannot appear or vanish
         return bool(old) != bool(new) if old is not _UNSET and new is not _UNSET else True
     return any(key == f or key.startswith(f"{f}.") for f in FIXED_ON_RESUME)
@@ -367,6 +379,9 @@ def resolve_recipe(recipe: dict, run_dir: Path, overrides: Sequence[str], resume
         recipe = apply_overrides(recipe, overrides, source)
         validate(recipe, source)
         changed, refused = resume_differences(saved, recipe)
+        steps = (recipe.get("train") or {}).get("steps", TrainConfig.steps)
+        if steps < int(state["step"]):
+            refused.append(f"train.steps ({steps} is below step {state['step']}, which the run has reached)")
         if refused:
             raise ResumeMismatch(
                 f"cannot resume {run_dir} (step {state['step']}) with {source}: {'; '.join(refused)} "

@@ -325,10 +325,11 @@ class Trainer:
         good = last_good_checkpoint(self.run_dir)  # loaded and checked: only ever on failure
         if good is not None:
             kept = (f"the last good checkpoint is {good} (verified finite); continue from it with --resume and a "
-                    f"lower train.lr (now {lr:g}), a train.grad_clip, or a tighter solver")
+                    f"lower train.lr (now {lr:g}), a train.grad_clip, or a tighter solver "
+                    "(objective.rtol / objective.atol / objective.steps)")
         else:
             kept = (f"no good checkpoint had been written; start again with a lower train.lr (now {lr:g}), "
-                    "a train.grad_clip, or a tighter solver")
+                    "a train.grad_clip, or a tighter solver (objective.rtol / objective.atol / objective.steps)")
         step = self.step + 1 if step is None else step
         return TrainingDiverged(f"training diverged at step {step}: {reason}. Training stopped; {kept}.")
 

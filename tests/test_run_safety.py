@@ -111,7 +111,7 @@ def test_second_process_is_refused_and_sigterm_keeps_the_checkpoint(tmp_path, ca
     try:
         _wait_for(proc, lambda: latest_checkpoint(run) is not None)
         capsys.readouterr()
-        assert _train(run, "train.steps=5", "--resume") == 2  # another process, same directory
+        assert _train(run, "train.steps=100000", "--resume") == 2  # another process, same directory
         line = _one_line(capsys.readouterr().err)
         assert f"pid {proc.pid}" in line
         proc.send_signal(signal.SIGTERM)
