@@ -71,7 +71,8 @@ def _cmd_train(args) -> int:
                            source=str(args.recipe), progress=not args.no_progress)
     last = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.last_metrics.items()
             if k in ("step", "loss", "nll", "nfe", "nfe_backward", "it_per_s")}
-    print(f"trained {out} to step {result.step}: {last}")
+    budget = "" if result.stopped_by == "steps" else f" (stopped by train.{result.stopped_by})"
+    print(f"trained {out} to step {result.step}{budget}: {last}")
     return 0
 
 

@@ -31,6 +31,12 @@ class TrainConfig:
         log_every (≥ 1), eval_every, checkpoint_every, sample_every (0: never): intervals in steps.
         keep_checkpoints: how many checkpoints to keep (0: all).
         trackers: accelerate trackers (``[tensorboard]``, ...).
+        max_seconds: a wall-clock budget (> 0 s) of training, summed over resumes; time spent in
+            periodic evaluation, sampling and checkpoints is not counted (None: no budget).
+        max_evaluations: a budget of network evaluations of the training loss (forward
+            evaluations: an FFJORD step counts its solver's NFE, a flow-matching step 1 per
+            micro-batch), summed over resumes (None: no budget). Training ends at whichever of
+            ``steps`` and the budgets comes first; the learning-rate schedule runs over ``steps``.
     """
 
     steps: PositiveInt = 1000
@@ -54,6 +60,8 @@ class TrainConfig:
     sample_every: NonNegativeInt = 0
     keep_checkpoints: NonNegativeInt = 2
     trackers: list[str] = field(default_factory=list)
+    max_seconds: Optional[PositiveFloat] = None
+    max_evaluations: Optional[PositiveInt] = None
 
 
 @dataclass

@@ -44,7 +44,7 @@ from .constraints import Rule, check_value
 from .registry import Registry, RegistryError, did_you_mean
 
 __all__ = ["RecipeError", "load_recipe", "apply_overrides", "validate", "build", "Built",
-           "SECTIONS", "COMMAND_LINE", "component_arguments", "parse_yaml"]
+           "SECTIONS", "COMMAND_LINE", "component_arguments", "parse_yaml", "resolve_defaults"]
 
 COMPONENT_SECTIONS: dict[str, Registry] = {
     "data": DATASETS, "dynamics": DYNAMICS, "objective": OBJECTIVES, "sampler": SAMPLERS,
@@ -366,6 +366,66 @@ def validate(recipe: Mapping, source: str = "<recipe>") -> None:
     _check_sampler_fits(recipe, errors)
     if errors:
         raise RecipeError(errors, source)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as YAML writes it (tuples as lists), or ``_NOT_PLAIN`` for anything else."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    if isinstance(value, dict):
+        items = {k: _plain(v) for k, v in value.items()}
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items.values()) else items
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN = object()
+
+
+def _component_defaults(spec: Any, registry: Registry, injected: tuple[str, ...]) -> Any:
+    name, kwargs = _split(spec)
+    obj = registry.get(name)
+    nested: Mapping[str, Registry] = getattr(obj, "nested", {})
+    out: dict[str, Any] = {"name": name}
+    for key, p in inspect.signature(obj).parameters.items():
+        if key == "self" or key in injected or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if key in kwargs:
+            value = kwargs[key]
+            out[key] = _component_defaults(value, nested[key], ()) if key in nested and isinstance(
+                value, (dict, str)) else value
+        elif p.default is not p.empty and _plain(p.default) is not _NOT_PLAIN and not (
+                key in nested and p.default is None):  # an absent nested component stays absent
+            out[key] = _plain(p.default)
+    out.update({k: v for k, v in kwargs.items() if k not in out})  # **kwargs of a component that takes any
+    return out
+
+
+def resolve_defaults(recipe: Mapping) -> dict:
+    """``recipe`` with every default written out: each component's constructor defaults and
+    every ``train`` / ``eval`` setting.
+
+    A run saves this, so a default changed in a later flowkit never silently rebuilds a
+    different model from an old run's ``recipe.yaml``. The recipe must be valid.
+
+    Example:
+        >>> r = resolve_defaults({"data": {"name": "8gaussians"}, "dynamics": {"name": "mlp"},
+        ...                       "objective": {"name": "cfm"}})
+        >>> r["train"]["lr"], r["dynamics"]["hidden"], r["sampler"]["name"]
+        (0.001, [64, 64, 64], 'dopri5')
+    """
+    out = copy.deepcopy(dict(recipe))
+    for section, registry in COMPONENT_SECTIONS.items():
+        spec = default_sampler(recipe) if section == "sampler" else recipe.get(section)
+        if spec is not None:
+            out[section] = _component_defaults(spec, registry, INJECTED[section])
+    for section, cls in SETTINGS_SECTIONS.items():
+        given = dict(recipe.get(section) or {})
+        settings = dataclasses.asdict(cls(**given))
+        out[section] = {k: _plain(v) for k, v in settings.items() if _plain(v) is not _NOT_PLAIN}
+    return out
 
 
 def _split(spec: Any) -> tuple[str, dict]:

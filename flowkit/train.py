@@ -40,7 +40,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .allocator import tune_cpu_allocator
 from .checkpoint import (CheckpointError, RunDirectoryError, RunWriteError, last_good_checkpoint,
                          non_finite_tensors, save_checkpoint, save_recipe)
-from .recipe import Built, build
+from .recipe import Built, build, resolve_defaults
 from .rundir import RunLock, check_run_dir_path, prepare_run_dir, refuse_existing_run, resolve_recipe
 
 if TYPE_CHECKING:
@@ -135,9 +135,12 @@ def describe_processes(accelerator: "Accelerator") -> str:
 
 @dataclass
 class TrainResult:
+    """Where a training ended: ``stopped_by`` is ``"steps"``, ``"max_seconds"`` or ``"max_evaluations"``."""
+
     run_dir: Path
     step: int
     last_metrics: dict[str, Any]
+    stopped_by: str = "steps"
 
 
 def _optimizer(cfg, params):
@@ -200,6 +203,9 @@ class Trainer:
         # see exactly the data one process would with the same global batch.
         self.data_generator = torch.Generator().manual_seed(cfg.seed * 1000 + 17)
         self.step = 0
+        self.train_seconds = 0.0  # budgets' counters, carried over resumes in the checkpoint
+        self.evaluations = 0
+        self.stopped_by = "steps"
         self.progress = progress and acc.is_local_main_process
         if acc.num_processes > 1 and cfg.batch_size % acc.num_processes:
             raise LaunchError(f"train.batch_size={cfg.batch_size} must divide by the "
@@ -226,6 +232,8 @@ class Trainer:
         acc = self.accelerator
         return {
             "step": self.step,
+            "train_seconds": self.train_seconds,
+            "evaluations": self.evaluations,
             "model": acc.unwrap_model(self.model).state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "ema_state": self.ema.state_dict() if self.ema is not None else None,
@@ -259,6 +267,8 @@ class Trainer:
                                   "train into a new --out directory") from None
         self._apply_settings()
         self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.evaluations = int(state.get("evaluations", 0))
 
     def _apply_settings(self) -> None:
         """Make ``cfg.lr`` / ``cfg.weight_decay`` rule after a restored optimiser and schedule.
@@ -382,14 +392,16 @@ class Trainer:
             bar.close()
         self.save()
         acc.end_training()
-        return TrainResult(self.run_dir, self.step, last)
+        return TrainResult(self.run_dir, self.step, last, self.stopped_by)
 
     def _loop(self, bar: Any) -> dict[str, Any]:
         """Steps until ``cfg.steps``; returns the last logged record."""
         cfg, acc = self.cfg, self.accelerator
         last: dict[str, Any] = {}
         window_start, window_steps, window_cpu = time.perf_counter(), 0, time.process_time()
+        budgeted = cfg.max_seconds is not None or cfg.max_evaluations is not None
         while self.step < cfg.steps:
+            step_start = time.perf_counter()
             metrics: dict[str, float] = {}
             for _ in range(cfg.grad_accum):
                 x, cond = self._batch()
@@ -419,8 +431,11 @@ class Trainer:
                     self._step_optimizer.zero_grad(set_to_none=True)
                 metrics.update(out.metrics)
                 metrics["loss"] = loss_value
+                self.evaluations += int(out.metrics.get("nfe", 1))
             self.step += 1
             window_steps += 1
+            self.train_seconds += time.perf_counter() - step_start
+            out_of_budget = budgeted and self._out_of_budget()
             if self.ema is not None:
                 self.ema.update_parameters(self.unwrapped)
             self.unwrapped.after_step(self.step)
@@ -431,7 +446,7 @@ class Trainer:
                         shown["nfe"] = int(metrics["nfe"])
                     bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or out_of_budget:
                 if not self._params_finite():
                     raise self._diverged("a parameter became non-finite in the optimiser step", self.step)
                 if acc.num_processes > 1:  # the logged loss is the mean over processes
@@ -441,7 +456,8 @@ class Trainer:
                 # step costs, while wall time also counts other processes' turns on the cores
                 record = {"step": self.step, **metrics, "lr": self.scheduler.get_last_lr()[0],
                           "it_per_s": window_steps / max(now - window_start, 1e-9),
-                          "cpu_s_per_it": (cpu - window_cpu) / max(window_steps, 1), "time": time.time()}
+                          "cpu_s_per_it": (cpu - window_cpu) / max(window_steps, 1), "time": time.time(),
+                          "train_seconds": self.train_seconds, "evaluations": self.evaluations}
                 self._log(record)
                 window_start, window_steps, window_cpu = now, 0, cpu
                 last = record
@@ -451,7 +467,25 @@ class Trainer:
                 self.save_samples(self.run_dir / "samples" / f"step_{self.step:07d}.png")
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
+            if out_of_budget:
+                break
         return last
+
+    def _out_of_budget(self) -> bool:
+        """Whether a budget is spent; with several processes, all of them agree (any one's view)."""
+        cfg, acc = self.cfg, self.accelerator
+        spent = None
+        if cfg.max_seconds is not None and self.train_seconds >= cfg.max_seconds:
+            spent = "max_seconds"
+        if cfg.max_evaluations is not None and self.evaluations >= cfg.max_evaluations:
+            spent = "max_evaluations"
+        if acc.num_processes > 1:  # stop together, or the others wait forever in the next all-reduce
+            code = torch.tensor([{None: 0, "max_seconds": 1, "max_evaluations": 2}[spent]], device=acc.device)
+            code = int(acc.reduce(code, "max").item())
+            spent = {0: None, 1: "max_seconds", 2: "max_evaluations"}[code]
+        if spent is not None:
+            self.stopped_by = spent
+        return spent is not None
 
     def _evaluate_and_log(self) -> None:
         """Test NLL (at most 2,000 points, no sample metrics) by the one evaluator, in data units."""
@@ -540,6 +574,7 @@ def train(recipe: dict, run_dir: str | Path, *, overrides: Sequence[str] = (), r
     recipe, source, found, changed = resolve_recipe(recipe, run_dir, overrides, resume, source)
     from accelerate.utils import set_seed
 
+    recipe = resolve_defaults(recipe)  # saved with every default written out: an old run rebuilds as it was
     set_seed(int((recipe.get("train") or {}).get("seed", 0)))  # network initialisation is seeded too
     built = build(recipe, source)
     trainer = Trainer(built, run_dir, progress=progress)

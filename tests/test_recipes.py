@@ -2,9 +2,13 @@
 
 from pathlib import Path
 
+import dataclasses
+
 import pytest
 
 import flowkit
+import flowkit.config
+from flowkit.recipe import resolve_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -26,6 +30,10 @@ def test_recipe_validates_and_runs(path, tmp_path):
         pytest.skip("GPU recipe with hub data: validated only (no network in tests)")
     result = flowkit.train(recipe, tmp_path / "run", progress=False)
     assert result.step == 2
+    # the run saved its recipe with every default written out, and rebuilds from it alone
+    saved = flowkit.load_recipe(tmp_path / "run" / "recipe.yaml")
+    assert saved == resolve_defaults(recipe)
+    assert set(saved["train"]) == {f.name for f in dataclasses.fields(flowkit.config.TrainConfig)}
     built, _ = flowkit.load_run(tmp_path / "run")
     sample = flowkit.generate(built.objective.flow(), built.sampler, 8)
     assert sample.x.shape[0] == 8
