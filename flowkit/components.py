@@ -16,7 +16,7 @@ argument's type and range (:mod:`flowkit.constraints`, e.g. ``steps: PositiveInt
 objective's ``provides`` and a sampler's ``needs`` name the parts of the flow
 (:data:`flowkit.samplers.base.FLOW_PARTS`), and ``argument_rules`` the combinations that
 cannot work. :func:`flowkit.recipe.validate` checks a recipe against all of them, and
-``Registry.arguments(name)`` lists them.
+``flowkit.constraints.describe_arguments(REGISTRY.get(name))`` lists them.
 """
 
 from __future__ import annotations

@@ -108,14 +108,6 @@ class Registry:
         self.get(name)
         return self._help[name]
 
-    def arguments(self, name: str, skip: tuple[str, ...] = ()) -> list[str]:
-        """``arg: type and range = default`` for each argument of ``name``, from its declared
-        annotations (:func:`flowkit.constraints.describe_arguments`); ``skip`` leaves out
-        arguments flowkit supplies itself."""
-        from .constraints import describe_arguments
-
-        return describe_arguments(self.get(name), skip)
-
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
