@@ -310,6 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = list(getattr(args, "overrides", [])) + extra
     from flowkit.checkpoint import RunDirectoryError
     from flowkit.flow import FieldError, NonFiniteFieldError
+    from flowkit.solvers import SolverError
     from flowkit.recipe import RecipeError
     from flowkit.registry import RegistryError
     from flowkit.train import LaunchError, TrainingDiverged
@@ -327,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (TrainingDiverged, NonFiniteFieldError) as exc:  # a model that went non-finite
         print(f"flowkit {args.command}: {exc}", file=sys.stderr)
         return 3
-    except FieldError as exc:  # e.g. an override that makes the model's output the wrong shape
+    except (FieldError, SolverError) as exc:  # e.g. an override that makes the model's output the wrong shape
         print(f"flowkit {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -178,10 +178,14 @@ def score_log_likelihood(
 
     Raises:
         FieldError: ``x`` not a finite floating ``[batch, *event_shape]`` tensor with a sample,
-            ``score_fn`` returning something not shaped like ``x`` or different values for
-            the same input, ``n_probes < 1`` and the other cases of
-            :func:`flowkit.likelihood.log_likelihood`.
-        NonFiniteFieldError: ``score_fn`` returned NaN or inf (for the data or during the solve).
+            ``score_fn`` returning something not shaped like ``x``, different values for
+            the same input or values that depend on the other samples of the batch (a
+            BatchNorm in training mode), a ``prior`` of another event shape, ``n_probes < 1``
+            and the other cases of :func:`flowkit.likelihood.log_likelihood`.
+        NonFiniteFieldError: ``score_fn`` returned NaN or inf (for the data, or during the
+            solve where the solver could not get past it).
+        flowkit.solvers.SolverError: invalid solver settings (``rtol=nan``, ``atol=0``, ...),
+            before ``score_fn`` is called.
 
     Example:
         >>> from flowkit.flow import StandardNormal

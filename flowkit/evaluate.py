@@ -37,8 +37,9 @@ def evaluate_nll(flow: Flow, x: Tensor, cfg: EvalConfig, *, cond: Optional[Tenso
     Raises:
         FieldError: ``x`` is not a finite floating ``[n, *event_shape]`` tensor with a sample
             (all bad rows of ``x`` are counted), ``cond`` is not one row per sample,
-            ``cfg.n_probes < 1``, ``cfg.batch_size < 1``, ``log_det`` returns NaN, or a field
-            breaks its contract (the message says which samples of ``x`` the batch held).
+            ``cfg.n_probes < 1``, ``cfg.batch_size < 1``, ``log_det`` returns NaN, a prior of
+            another event shape, or a field breaks its contract (wrong shape, not deterministic,
+            mixing samples; the message says which samples of ``x`` the batch held).
         NonFiniteFieldError: a field returned NaN or inf.
     """
     check_data(x)

@@ -55,6 +55,11 @@ class GaussianMixture:
         self._chol_inv = _tril_inverse(self._chol)
 
     @property
+    def shape(self) -> tuple[int]:
+        """Event shape ``(dim,)``, as the :class:`~flowkit.flow.Prior` protocol declares."""
+        return (self.dim,)
+
+    @property
     def dim(self) -> int:
         return self.means.shape[1]
 

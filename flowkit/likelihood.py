@@ -13,21 +13,31 @@ Every likelihood entry point (:func:`log_likelihood`, :func:`flow_log_likelihood
 
 * ``x`` is a floating tensor ``[batch, *event_shape]`` with at least one sample and finite
   values (else :class:`~flowkit.flow.FieldError` naming ``x``, the shape and the bad rows);
-  options such as ``n_probes >= 1``;
+  options such as ``n_probes >= 1``, the solver's settings (:class:`~flowkit.solvers.SolverSpec`:
+  ``rtol``/``atol`` finite and > 0, else :class:`~flowkit.solvers.SolverError` naming them), and
+  the prior's declared event shape (``prior.shape``) against ``x``'s;
 * one call of each field at the start time: its output is shaped like ``x`` and finite, and
-  the same for the same input (a model left in training mode with dropout is not);
+  the same for the same input (a model left in training mode with dropout is not); one more
+  on a batch of ``x``'s shape made of copies of its first rows: each sample's output must
+  depend on that sample only (a BatchNorm in training mode, or any batch statistic, mixes
+  them);
 * whether autograd sees the whole dependence of the field on ``x``: the directional
   derivative ``εᵀ J ε`` by autograd is compared with central differences over a ladder of
   steps, at the step whose error estimate is smallest, at ``t0``, the midpoint and ``t1``
-  (a one-off: two calls on the batch, ~33 calls and 3 backward passes on at most 128 samples).
+  (a one-off: three calls on the batch, ~33 calls and 3 backward passes on at most 128 samples).
   A field called under ``torch.no_grad()`` or ``torch.inference_mode()``, or whose output (or
   part of it, e.g. the score inside a probability-flow velocity) is ``.detach()``-ed, would
   otherwise get a divergence of 0 for that part. Such a field is differentiated by central
   finite differences instead (see :mod:`flowkit.divergence`), with a warning.
 
 During the solve each evaluation of the augmented field is checked for NaN/inf (one
-``isfinite`` reduction): :class:`~flowkit.flow.NonFiniteFieldError` names the field, the
-time and how many samples, instead of the solver's "underflow in dt". The evaluation runs
+``isfinite`` reduction). A non-finite value where the solver can still reject the step that
+met it is left to the solver: the adaptive methods' first-step heuristic probes the field
+beyond ``t1`` (made at ``t1``; a NaN there is ignored), and a trial step whose last stage is
+non-finite is retried smaller. Where a non-finite value persists — it reaches the state, and
+the solver gives up or ends in NaN — :class:`~flowkit.flow.NonFiniteFieldError` names the
+field, the time and how many samples, instead of the solver's "underflow in dt" (see
+:class:`AugmentedDynamics`). The evaluation runs
 with autograd and outside inference mode whatever the caller's mode, so
 ``with torch.no_grad():`` or ``with torch.inference_mode():`` around a call changes nothing.
 """
@@ -67,16 +77,29 @@ class AugmentedDynamics(nn.Module):
         create_graph: keep the graph of the divergence (training).
         differentiate, fd_step: ``"autograd"`` or ``"finite_difference"`` and the latter's relative
             step (see :func:`~flowkit.divergence.divergence`).
-        check_finite: raise :class:`~flowkit.flow.NonFiniteFieldError` at the first evaluation
-            with NaN or inf, naming ``name``, the time and the number of samples (evaluation;
-            off in training, where a non-finite loss is the trainer's "diverged").
+        check_finite: watch for NaN and inf (evaluation; off in training, where a non-finite
+            loss is the trainer's "diverged"). A non-finite evaluation inside ``interval`` is
+            left to the solver, as ±inf, so that an adaptive solver can reject the trial step
+            that met it (see :meth:`_check_finite`); the solve then continues. If the solver
+            cannot get past it — it gives up, or the final state is not finite — the
+            solve fails with :class:`~flowkit.flow.NonFiniteFieldError` naming ``name``, the
+            time and the number of samples of the first of the non-finite evaluations that
+            led there (:meth:`raise_if_failed`, :func:`log_likelihood`).
+        interval: ``(t0, t1)`` of the solve (with ``check_finite``). The adaptive solvers'
+            first-step heuristic (Hairer, Nørsett & Wanner, II.4) evaluates the field once at
+            ``t0 + h0`` with a guessed ``h0`` that can lie far beyond ``t1`` (t ≈ 9, or 1e6, for a
+            VP model on [1e-5, 1]); the field is defined on the interval only, so such a
+            probe is made at the nearest time inside it and is never an error: a non-finite
+            probe is returned as NaN, which the heuristic ignores (an inf would make it choose
+            a first step of 0). Every step the solver takes lies inside the interval.
         name: how errors refer to the field.
     """
 
     def __init__(self, velocity: Callable, shape: Sequence[int], *, estimator: str = "exact",
                  probe: Optional[Tensor] = None, cond: Optional[Tensor] = None,
                  regularise: bool = False, create_graph: bool = False, differentiate: str = "autograd",
-                 fd_step: Optional[float] = None, check_finite: bool = False, name: str = "velocity") -> None:
+                 fd_step: Optional[float] = None, check_finite: bool = False,
+                 interval: Optional[tuple[float, float]] = None, name: str = "velocity") -> None:
         super().__init__()
         self.velocity = velocity
         self.shape = tuple(shape)
@@ -91,7 +114,10 @@ class AugmentedDynamics(nn.Module):
         self.differentiate = differentiate
         self.fd_step = fd_step
         self.check_finite = check_finite
+        self.interval = None if interval is None else (min(map(float, interval)), max(map(float, interval)))
         self.name = name
+        #: the message of the first of the latest run of non-finite evaluations (None after a finite one)
+        self.failure: Optional[str] = None
         if isinstance(velocity, nn.Module):
             self.module = velocity  # registers parameters for the adjoint
 
@@ -114,6 +140,13 @@ class AugmentedDynamics(nn.Module):
         return self.velocity.forward_with_jvp(t, x, v, self.cond)
 
     def forward(self, t: Tensor, state: Tensor) -> Tensor:
+        if self.failure is not None and not bool(torch.isfinite(state).all()):
+            # a stage of a step that already met a non-finite value: that step is lost (rejected, or
+            # the solve ends in NaN); the field is spared a non-finite input
+            return torch.full_like(state, float("inf"))
+        asked = t
+        if self.interval is not None:  # a tensor op, no host synchronisation
+            t = torch.as_tensor(t).clamp(*self.interval)
         x = state[:, : self.dim].reshape(-1, *self.shape)
         split = None
         if self.estimator == "hutchinson" and getattr(self.velocity, "bottleneck", False):
@@ -136,21 +169,58 @@ class AugmentedDynamics(nn.Module):
                       out.jac_frobenius.unsqueeze(1)]
         result = torch.cat(parts, 1)
         if self.check_finite:
-            self._check_finite(t, result)
+            return self._check_finite(asked, result)
         return result
 
-    def _check_finite(self, t: Tensor, result: Tensor) -> None:
-        """One ``isfinite`` reduction per evaluation; the details only on failure."""
+    def _check_finite(self, t: Tensor, result: Tensor) -> Tensor:
+        """One ``isfinite`` reduction per evaluation; the rest only when it fails (see ``check_finite``
+        and ``interval``).
+
+        torchdiffeq rejects a step whose error estimate is inf but not one whose estimate is
+        NaN (the next step size becomes NaN, then 0: "underflow in dt", turned into this
+        error by :func:`log_likelihood`). So a NaN inside the interval is handed on as inf: a
+        non-finite last stage of a trial step (dopri5's ``f(t1, y1)``, which does not enter
+        ``y1``) gives an inf estimate and the step is retried smaller. A non-finite earlier stage
+        spreads into the states of the later ones, which :meth:`forward` answers with inf
+        without calling the field; the step's estimate is then NaN and the solve fails
+        (a solver whose error norm maps NaN to inf would reject that step too).
+        """
         finite = torch.isfinite(result)
         if bool(finite.all()):
+            self.failure = None
+            return result
+        if self.interval is not None and self._beyond(t):
+            return torch.where(finite, result, torch.full_like(result, float("nan")))
+        if self.failure is None:
+            bad_dx = ~finite[:, : self.dim].all(1)
+            bad = ~finite.all(1)
+            what = "NaN or inf" if bool(bad_dx.any()) else "a NaN or inf divergence (tr ∂v/∂x)"
+            self.failure = (
+                f"{self.name} returned {what} for {int(bad.sum())} of {result.shape[0]} samples at "
+                f"t={float(t):.6g} during the solve (first bad samples: {_first(bad)}); the model is not finite "
+                f"along these trajectories: check it there (a diverged model, a singular time, an overflow)")
+        return torch.where(torch.isnan(result), torch.full_like(result, float("inf")), result)
+
+    def raise_if_failed(self, final: Tensor) -> None:
+        """After a solve: raise :class:`~flowkit.flow.NonFiniteFieldError` if the final state is
+        not finite (naming the first non-finite evaluation that led there)."""
+        finite = torch.isfinite(final)
+        if bool(finite.all()):
             return
-        bad_dx = ~finite[:, : self.dim].all(1)
+        if self.failure is not None:
+            raise NonFiniteFieldError(self.failure)
         bad = ~finite.all(1)
-        what = "NaN or inf" if bool(bad_dx.any()) else "a NaN or inf divergence (tr ∂v/∂x)"
-        raise NonFiniteFieldError(
-            f"{self.name} returned {what} for {int(bad.sum())} of {result.shape[0]} samples at "
-            f"t={float(t):.6g} during the solve (first bad samples: {_first(bad)}); the model is not finite "
-            f"along these trajectories: check it there (a diverged model, a singular time, an overflow)")
+        raise NonFiniteFieldError(f"the solve of {self.name} ended in NaN or inf for {int(bad.sum())} of "
+                                  f"{final.shape[0]} samples (first bad samples: {_first(bad)}): the state "
+                                  f"overflowed; check the model along these trajectories")
+
+    def _beyond(self, t: Tensor) -> bool:
+        """Whether ``t`` lies outside :attr:`interval` by more than rounding."""
+        t = torch.as_tensor(t)
+        lo, hi = self.interval
+        dtype = t.dtype if t.is_floating_point() else torch.float64
+        slack = 64 * torch.finfo(dtype).eps * max(abs(lo), abs(hi), hi - lo)
+        return not (lo - slack <= float(t) <= hi + slack)
 
     def initial_state(self, x: Tensor) -> Tensor:
         extra = 3 if self.regularise else 1
@@ -214,9 +284,11 @@ def log_likelihood(
     Raises:
         FieldError: ``x`` not a finite floating ``[batch, *event_shape]`` tensor with a sample,
             ``cond`` not one row per sample, an unknown ``estimator``/``noise``,
-            ``n_probes < 1``, a field whose output is not shaped like ``x`` or differs
-            between two calls on the same input, a prior whose ``log_prob`` is not ``[batch]``.
-        NonFiniteFieldError: a field returned NaN or inf, for the data or during the solve.
+            ``n_probes < 1``, a field whose output is not shaped like ``x``, differs
+            between two calls on the same input or depends on other samples of the batch,
+            a prior of another event shape or whose ``log_prob`` is not ``[batch]``.
+        NonFiniteFieldError: a field returned NaN or inf for the data, or during the solve
+            where the solver could not get past it.
         flowkit.solvers.SolverError: invalid solver settings.
 
     Example:
@@ -242,6 +314,7 @@ def _solve(fields: Sequence[Callable], names: Sequence[str], x: Tensor, prior: P
     """:func:`log_likelihood` of the fields in turn, each checked once at its start (module docstring)."""
     check_data(x)
     _check_cond(cond, x)
+    _check_prior_shape(prior, x)
     times = _check_options(estimator, noise, n_probes, times)
     with torch.inference_mode(False):  # the divergence needs autograd whatever the caller's mode
         x = x.clone() if x.is_inference() else x
@@ -251,14 +324,21 @@ def _solve(fields: Sequence[Callable], names: Sequence[str], x: Tensor, prior: P
         state, nfe = None, 0
         for field_fn, name in zip(fields, names):
             start = x if state is None else state[:, :dim].reshape(x.shape)
-            aug = AugmentedDynamics(field_fn, shape, estimator=estimator, cond=cond, check_finite=True, name=name)
+            aug = AugmentedDynamics(field_fn, shape, estimator=estimator, cond=cond, check_finite=True,
+                                    interval=times, name=name)
             aug.differentiate, aug.fd_step = _inspect(aug, times, start, name, estimator, n_probes)
             if estimator == "hutchinson":
                 template = x if aug.differentiate == "finite_difference" else _probe_template(field_fn, x, cond)
                 aug.probe = sample_probe(template, noise, n_probes, generator=generator)
             with torch.no_grad():
                 state = aug.initial_state(x) if state is None else state
-                sol = odeint(aug, state, [times[0], times[-1]], solver)
+                try:
+                    sol = odeint(aug, state, [times[0], times[-1]], solver)
+                except AssertionError:  # torchdiffeq's "underflow in dt": it cannot get past a non-finite field
+                    if aug.failure is None:
+                        raise
+                    raise NonFiniteFieldError(aug.failure) from None
+                aug.raise_if_failed(sol.ys[-1])
                 state, nfe = sol.ys[-1], nfe + sol.nfe
         z = state[:, :dim].reshape(x.shape)
         delta = state[:, dim]
@@ -292,6 +372,23 @@ def _check_cond(cond: Optional[Tensor], x: Tensor) -> None:
     if not isinstance(cond, Tensor) or cond.dim() < 1 or cond.shape[0] != x.shape[0]:
         got = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
         raise FieldError(f"cond: expected one condition per sample of x, shape [{x.shape[0]}, ...], got {got}")
+
+
+def _check_prior_shape(prior: Prior, x: Tensor) -> None:
+    """The prior's declared event shape (:class:`~flowkit.flow.Prior` ``.shape``) must be ``x``'s:
+    ``StandardNormal((3,)).log_prob`` of 2-D points would return a number, silently wrong.
+    (A prior that declares no shape is checked through its ``log_prob`` output alone.)"""
+    declared = getattr(prior, "shape", None)
+    if declared is None:
+        return
+    try:
+        declared = tuple(int(d) for d in declared)
+    except TypeError:
+        raise FieldError(f"prior.shape: expected the event shape as a tuple of ints, got {declared!r}") from None
+    if declared != tuple(x.shape[1:]):
+        raise FieldError(f"prior: its event shape {declared} is not the event shape {tuple(x.shape[1:])} of x "
+                         f"(x has shape {tuple(x.shape)}); build the prior for the data, e.g. "
+                         f"StandardNormal({tuple(x.shape[1:])})")
 
 
 def _check_options(estimator: str, noise: str, n_probes: int, times: Sequence[float]) -> tuple[float, float]:
@@ -363,15 +460,15 @@ def _inspect(aug: AugmentedDynamics, times: tuple[float, float], x: Tensor, name
              n_probes: int) -> tuple[str, Optional[float]]:
     """Check the field once before a solve from ``x`` over ``times`` and decide how to differentiate it.
 
-    At ``t0`` one call checks the output's shape and finiteness and a second that the field
-    is deterministic. Then, on the first ``_PROBE_ROWS`` samples, at ``t0``, the midpoint and
-    ``t1`` (a part of the field that autograd misses may matter only at some times, e.g. the
-    score term of a sub-VP probability-flow velocity, negligible at ``t0``), autograd's
-    ``a = εᵀ J ε`` for a fixed Rademacher ``ε`` is compared with central differences ``d_j``
-    over a ladder of steps (:func:`_directional`); autograd is trusted if they agree at every
-    time. Else —
-    no graph, or a graph that misses part of the dependence on ``x`` — the divergence is
-    taken by central differences with the step chosen at ``t0``, and a warning says so (not
+    At ``t0`` one call checks the output's shape and finiteness, a second that the field
+    is deterministic and a third that it does not mix samples (:func:`_check_per_sample`).
+    Then, on the first ``_PROBE_ROWS`` samples, at ``t0``, the midpoint and ``t1`` (a part of
+    the field that autograd misses may matter only at some times, e.g. the score term of a
+    sub-VP probability-flow velocity, negligible at ``t0``), autograd's ``a = εᵀ J ε`` for a
+    fixed Rademacher ``ε`` is compared with central differences ``d_j`` over a ladder of steps
+    (:func:`_directional`); autograd is trusted if they agree at every time. Else — no graph,
+    or a graph that misses part of the dependence on ``x`` — the divergence is taken by
+    central differences with the step chosen at ``t0``, and a warning says so (not
     for a field without graph that is constant in ``x`` near the data, e.g. ``zeros_like(x)``:
     its differences are exactly 0, which is its divergence).
 
@@ -379,7 +476,8 @@ def _inspect(aug: AugmentedDynamics, times: tuple[float, float], x: Tensor, name
         ``("autograd", None)`` or ``("finite_difference", relative_step)``.
 
     Raises:
-        FieldError: wrong shape, or different outputs for the same input.
+        FieldError: wrong shape, different outputs for the same input, outputs that depend
+            on the other samples of the batch.
         NonFiniteFieldError: NaN or inf at or near the data at ``t0``.
     """
     batch = x.shape[0]
@@ -399,6 +497,7 @@ def _inspect(aug: AugmentedDynamics, times: tuple[float, float], x: Tensor, name
             f"differ between two calls at t={t0:.6g}; a likelihood needs a deterministic field whose output "
             f"for a sample depends on that sample only: put the model in eval mode (model.eval() switches "
             f"off dropout and batch statistics)")
+    _check_per_sample(aug, tt, x, out, name, t0)
     # the derivative checks need no more than a few samples (their sums over the batch decide)
     rows = min(batch, _PROBE_ROWS)
     sub = aug if rows == batch else AugmentedDynamics(aug.velocity, aug.shape,
@@ -425,6 +524,40 @@ def _inspect(aug: AugmentedDynamics, times: tuple[float, float], x: Tensor, name
                   f"{machine ** (2 / 3):.0e} in {x.dtype} for a smooth field); call the model with gradients "
                   f"enabled to use autograd", UserWarning, stacklevel=_caller_level())
     return "finite_difference", step
+
+
+# rows of x repeated over the batch by _check_per_sample
+_COUPLING_ROWS = 4
+
+
+def _check_per_sample(aug: AugmentedDynamics, t: Tensor, x: Tensor, out: Tensor, name: str, t0: float) -> None:
+    """Raise :class:`~flowkit.flow.FieldError` if the field's output for a sample depends on the
+    other samples of the batch (a BatchNorm in training mode, a batch mean inside the model).
+
+    The batch ``x'`` with ``x'_i = x_{i mod k}`` (the first ``k`` rows over and over) has the
+    shape of ``x`` — so the same kernels run — but other batch statistics; a per-sample field
+    gives each row of ``x'`` the output it gave that row in ``x`` (within the tolerance of the
+    determinism check). One call, once per solve.
+    """
+    batch = x.shape[0]
+    if batch < 2:
+        return
+    k = min(_COUPLING_ROWS, batch - 1)
+    idx = torch.arange(batch, device=x.device) % k
+    other = aug if aug.cond is None else AugmentedDynamics(aug.velocity, aug.shape, cond=aug.cond[idx])
+    with torch.no_grad():
+        mixed = other._field(t, x.detach()[idx])
+    if not isinstance(mixed, Tensor) or tuple(mixed.shape) != tuple(x.shape):
+        _check_output(mixed, x, name, t0, " on a batch of repeated rows")  # raises: names the shape
+    expected = out[idx]
+    scale = expected.flatten(1).abs().amax(1).clamp_min(1.0)
+    close = (mixed - expected).flatten(1).abs().amax(1) <= 1e3 * torch.finfo(x.dtype).eps * scale  # NaN: not close
+    if not bool(close.all()):
+        raise FieldError(
+            f"{name} mixes samples: its output for a sample depends on the other samples of the batch "
+            f"({int((~close).sum())} of {batch} outputs change at t={t0:.6g} when the batch holds copies of "
+            f"x's first {k} rows instead of x); a likelihood needs each sample's dx/dt to depend on that "
+            f"sample only — a BatchNorm in training mode? call model.eval()")
 
 
 @dataclass

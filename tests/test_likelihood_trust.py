@@ -8,12 +8,18 @@
 2. Bad inputs — a field of the wrong shape or with NaN/inf, an empty or 1-D ``x``, NaN rows in
    ``x``, ``n_probes <= 0`` — raise :class:`flowkit.flow.FieldError` naming the argument, the
    expected shape and how many samples are bad, at every public entry point.
+3. Good float32 models give the closed-form answer: the adaptive solver's first-step heuristic
+   probes the field beyond ``t1``, where it may be non-finite, and that is no error (a NaN met
+   inside ``[t0, t1]`` still is). Wrong inputs that used to pass silently — a field that mixes
+   samples (BatchNorm in train mode), a prior of another event shape, a NaN or non-positive
+   tolerance — are refused before the solve.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import warnings
 
@@ -30,6 +36,7 @@ from flowkit.flow import FieldError, Flow, NonFiniteFieldError, StandardNormal
 from flowkit.gmm import GaussianMixture, mixture_score_field
 from flowkit.likelihood import flow_log_likelihood, log_likelihood
 from flowkit.paths import VP
+from flowkit.solvers import SolverError
 
 F64 = torch.float64
 FD_WARNING = "finite differences"
@@ -375,3 +382,220 @@ def test_conditional_field_without_graph_gets_its_own_condition_per_sample():
     with pytest.warns(UserWarning, match=FD_WARNING):
         out = log_likelihood(field, x, StandardNormal((3,)), cond=c, method="rk4", steps=4)
     assert torch.allclose(out.delta, -3 * c[:, 0], atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- 3. float32; inputs once passed silently
+
+F32 = torch.float32
+
+
+def linear_score_reference(path, c: float, x: torch.Tensor) -> torch.Tensor:
+    """Exact ``log p(x)`` of the PF-ODE of the score ``s(x, t) = −c x / m_t``, ``m_t = α_t² + σ_t²``
+    (``−c x`` under VP, where ``m_t = 1``), with the path's default prior.
+
+    ``v = a(t) x`` with ``a = f + ½ g² c / m = (1 − c) α̇/α + (c/2) ṁ/m``, so ``z = x e^A`` and
+    ``Δ = D A`` with ``A = (1 − c) log(α₁/α₀) + (c/2) log(m₁/m₀)``.
+    """
+    t = torch.tensor([path.t0, path.t1], dtype=F64)
+    alpha, sigma = path.alpha(t), path.sigma(t)
+    m = alpha**2 + sigma**2
+    a = float((1 - c) * torch.log(alpha[1] / alpha[0]) + c / 2 * torch.log(m[1] / m[0]))
+    x = x.double()
+    return path.prior(tuple(x.shape[1:])).log_prob(x * math.exp(a)) + x[0].numel() * a
+
+
+@pytest.mark.parametrize("c", [1.0, 0.99])
+def test_float32_vp_scores_of_the_report_give_the_closed_form(c):
+    """The report's cases, verbatim: ``-x`` and ``-0.99 x`` under VP in float32 raised
+    NonFiniteFieldError "at t=8.9" (or t=1e6): a probe of the solver's first-step heuristic."""
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    out = score_log_likelihood(lambda x, t: -c * x, x, VP())
+    assert out.log_prob.dtype == F32
+    ref = linear_score_reference(VP(), c, x)
+    assert (out.log_prob.double() - ref).abs().max().item() < 1e-4
+    assert -float(out.log_prob.mean()) == pytest.approx(-float(ref.mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+@pytest.mark.parametrize("c", [1.0, 0.99])
+def test_float32_linear_scores_give_the_closed_form_on_every_path(name, c):
+    path = SDES.build(name)
+
+    def score(x, t):
+        m = path.alpha(t) ** 2 + path.sigma(t) ** 2
+        return -c * x / m[:, None]
+
+    x = torch.randn(32, 2, generator=torch.Generator().manual_seed(1))
+    out = score_log_likelihood(score, x, path)
+    assert out.log_prob.dtype == F32
+    ref = linear_score_reference(path, c, x)
+    assert (out.log_prob.double() - ref).abs().max().item() < 2e-4 * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_float32_mixture_score_gives_the_exact_likelihood(name):
+    """A float32 model with its full autograd graph and the default solver: the exact score of
+    ``0.9 N(0, I) + 0.1 N(μ, Σ)`` at points of its bulk, where the PF-ODE velocity at ``t0`` is
+    nearly 0 (as for standardised data), so the first-step probe lands far beyond ``t1``."""
+    path = SDES.build(name)
+    means = torch.tensor([[0.0, 0.0], [3.0, -2.0]], dtype=F64)
+    covs = torch.stack([torch.eye(2, dtype=F64), torch.tensor([[0.5, 0.2], [0.2, 0.4]], dtype=F64)])
+    gmm64 = GaussianMixture(means, covs, torch.tensor([0.9, 0.1], dtype=F64))
+    gmm = GaussianMixture(means.float(), covs.float(), gmm64.weights.float())
+    field = mixture_score_field(gmm, path)
+    x = torch.randn(24, 2, generator=torch.Generator().manual_seed(12))
+    ref = gmm64.marginal(path, path.t0).log_prob(x.double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # autograd sees the whole field: no finite differences
+        out = score_log_likelihood(lambda x, t: field(t, x), x, path, prior=gmm.marginal(path, path.t1))
+    assert out.log_prob.dtype == F32
+    assert (out.log_prob.double() - ref).abs().max().item() < 1e-3
+
+
+def test_field_is_never_called_beyond_its_interval():
+    """dopri5's first-step heuristic asks for the field at ``t0 + h0``, ``h0`` a guess that can be
+    ~9 for an interval of length 1; the field sees the nearest time inside instead."""
+    seen = []
+
+    def score(x, t):
+        seen.append(float(t[0]))
+        return -0.99 * x
+
+    score_log_likelihood(score, torch.randn(8, 2, dtype=F64), VP())
+    assert VP().t0 <= min(seen) and max(seen) <= VP().t1
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_probe_beyond_the_interval_is_left_to_the_solver(bad):
+    """A field finite along the trajectory but not at ``(t ≈ 9, x₀)`` — or ``(t1, x₀)`` — where
+    the first-step probe lands: not an error. (An inf handed back as is would make torchdiffeq
+    pick a first step of 0: "underflow in dt".) ``v = −k(t) x``, ``k = 1e-3 + 4 t``:
+    ``Δ = −D ∫k``, ``z = x e^{−∫k}``."""
+    value = float(bad)
+
+    def field(t, x):
+        off = (t > 0.95) & (x.abs().amax(1, keepdim=True) > 0.4)  # |x(t)| < 0.25 for t > 0.95
+        return torch.where(off, value, -(1e-3 + 4 * t) * x)
+
+    x = torch.rand(8, 2, generator=torch.Generator().manual_seed(13), dtype=F64) + 0.5
+    out = log_likelihood(field, x, StandardNormal((2,)))
+    k = 1e-3 + 2.0
+    assert torch.allclose(out.delta, torch.full((8,), -2 * k, dtype=F64), atol=1e-5)
+    assert torch.allclose(out.z, x * math.exp(-k), rtol=1e-4, atol=1e-9)
+
+
+def test_non_finite_last_stage_of_a_rejected_step_is_left_to_the_solver():
+    """The red team's case inside [t0, t1]: a NaN at the end point ``(t1, y1)`` of a trial step
+    that dopri5 rejects (a state off the trajectory) is no error: the solver retries smaller.
+    A first solve finds such an evaluation — the second of two calls at one time, followed by
+    a call at an earlier time — and the field is then made NaN at exactly that (t, x)."""
+    def smooth(t, x):
+        return -(1e-3 + 20 * t) * x
+
+    x = torch.rand(8, 2, generator=torch.Generator().manual_seed(13), dtype=F64) + 0.5
+    calls = []
+    reference = log_likelihood(lambda t, x: calls.append((float(t), x.detach().clone())) or smooth(t, x),
+                               x, StandardNormal((2,)))
+    ends = [i for i in range(1, len(calls) - 1)
+            if calls[i - 1][0] == calls[i][0] and calls[i + 1][0] < calls[i][0] and 0.0 < calls[i][0] < 1.0
+            and calls[i][0] != 0.5 and not torch.equal(calls[i - 1][1], calls[i][1])]
+    assert ends, "no rejected dopri5 step found"
+    t_bad, x_bad = calls[ends[0]]
+
+    def field(t, x):
+        bad = float(t) == t_bad and x.shape == x_bad.shape and torch.equal(x.detach(), x_bad)
+        return smooth(t, x) * (float("nan") if bad else 1.0)
+
+    out = log_likelihood(field, x, StandardNormal((2,)))
+    assert torch.allclose(out.log_prob, reference.log_prob, atol=1e-5)
+
+
+def test_float32_score_turning_non_finite_inside_the_interval_is_still_named():
+    """NaN for every t > 0.5 (inside [t0, t1], on the trajectory): raised, with the time and count."""
+    def score(x, t):
+        return torch.where(t[:, None] > 0.5, float("nan"), -1.0) * x
+
+    with pytest.raises(NonFiniteFieldError, match=r"for 6 of 6 samples at t=0\.[5-9]\d* during the solve"):
+        score_log_likelihood(score, torch.randn(6, 2), VP())
+
+
+@pytest.mark.parametrize("method", ["rk4", "euler"])
+def test_fixed_step_solve_through_a_non_finite_field_names_the_first_time(method):
+    """No step to reject: the NaN reaches the state, the field is not called on it again, and the
+    error names the first non-finite evaluation (t = 0.5 + a multiple of the step 1/8)."""
+    def field(t, x):
+        assert bool(torch.isfinite(x).all()), "called on a non-finite state"
+        return torch.where((t > 0.5) & (x[:, :1] > 0), float("nan"), -0.5) * x
+
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [2.0, 1.0]])
+    with pytest.raises(NonFiniteFieldError, match=r"2 of 3 samples at t=0\.(5625|625) during the solve"):
+        log_likelihood(field, x, StandardNormal((2,)), method=method, steps=8)
+
+
+COUPLED = lambda t, x, cond=None: -(x - x.mean(0))  # noqa: E731
+
+
+@pytest.mark.parametrize("entry", list(ENTRY))
+def test_field_that_mixes_samples_is_refused(entry):
+    """``−(x − mean over the batch)`` (what a BatchNorm in train mode does): NLL 2.878 against a
+    true 2.894, silently. The output for a sample must depend on that sample only."""
+    with pytest.raises(FieldError, match=r"mixes samples.*model\.eval\(\)"):
+        ENTRY[entry](torch.randn(8, 2), COUPLED)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_batchnorm_in_train_mode_is_refused_and_in_eval_mode_accepted(dtype):
+    torch.manual_seed(14)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                              torch.nn.Linear(16, 2)).to(dtype)
+    x = torch.randn(16, 2, dtype=dtype)
+    with pytest.raises(FieldError, match=r"mixes samples.*BatchNorm.*model\.eval\(\)"):
+        log_likelihood(lambda t, x: net(x), x, StandardNormal((2,)), method="rk4", steps=2)
+    net.eval()
+    out = log_likelihood(lambda t, x: net(x), x, StandardNormal((2,)), method="rk4", steps=2)
+    assert bool(torch.isfinite(out.log_prob).all())
+
+
+def test_two_samples_are_enough_to_see_mixing():
+    with pytest.raises(FieldError, match="mixes samples"):
+        log_likelihood(COUPLED, torch.tensor([[1.0, 0.0], [-1.0, 2.0]]), StandardNormal((2,)))
+    one = log_likelihood(COUPLED, torch.tensor([[1.0, 0.0]]), StandardNormal((2,)))  # nothing to mix with
+    assert torch.allclose(one.z, torch.tensor([[1.0, 0.0]]))
+
+
+def counting(field):
+    """``field`` and a list that grows by one per call."""
+    calls = []
+
+    def counted(t, x, cond=None):
+        calls.append(1)
+        return field(t, x, cond)
+
+    return counted, calls
+
+
+@pytest.mark.parametrize("prior_shape", [(3,), (2, 1), (1, 2)])
+def test_prior_of_another_event_shape_is_refused_before_the_solve(prior_shape):
+    """``StandardNormal((3,))`` for 2-D data returned a number."""
+    x = torch.randn(8, 2)
+    field, calls = counting(GOOD)
+    prior = StandardNormal(prior_shape)
+    message = "prior: its event shape " + re.escape(str(prior_shape)) + r" is not the event shape \(2,\) of x"
+    for call in (lambda: log_likelihood(field, x, prior),
+                 lambda: flow_log_likelihood(Flow(velocity=field, prior=prior), x),
+                 lambda: score_log_likelihood(lambda x_, t_: field(t_[0], x_), x, VP(), prior=prior),
+                 lambda: evaluate_nll(Flow(velocity=field, prior=prior), x, EvalConfig(batch_size=4))):
+        with pytest.raises(FieldError, match=message):
+            call()
+    assert not calls
+
+
+@pytest.mark.parametrize("entry", list(ENTRY))
+@pytest.mark.parametrize("key", ["rtol", "atol"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -1e-5])
+def test_bad_tolerance_is_refused_before_any_field_call_naming_it(entry, key, value):
+    """``rtol=nan`` must be blamed on ``rtol``, not on the model, and found before solving."""
+    field, calls = counting(GOOD)
+    with pytest.raises(SolverError, match=rf"{key}: must be"):
+        ENTRY[entry](torch.randn(4, 2), field, **{key: value})
+    assert not calls
