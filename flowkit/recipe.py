@@ -470,9 +470,9 @@ def default_sampler(recipe: Mapping) -> dict:
 def build(recipe: Mapping, source: str = "<recipe>") -> Built:
     """Validate then construct the dataset, objective (holding its dynamics) and sampler.
 
-    An objective that declares ``needs_teacher`` (``rectified_flow``) is handed a teacher
-    that loads — or trains — itself at the first batch (:func:`flowkit.teacher.attach_teacher`),
-    so building stays cheap.
+    An objective that declares ``needs_teacher`` (``rectified_flow``) is built without its
+    teacher: :func:`flowkit.train.train` hands it one (:func:`flowkit.teacher.attach_teacher`),
+    which loads — or trains — itself at the first batch.
     """
     recipe = copy.deepcopy(dict(recipe))
     validate(recipe, source)
@@ -493,10 +493,6 @@ def build(recipe: Mapping, source: str = "<recipe>") -> Built:
         raise RecipeError([f"dynamics.num_classes: dataset {_split(recipe['data'])[0]} has no labels "
                            "to condition on"], source)
     objective = build_component(OBJECTIVES, recipe["objective"], dynamics=make_dynamics, shape=shape)
-    if getattr(objective, "needs_teacher", False):  # declared (rectified_flow): loaded at its first batch
-        from .teacher import attach_teacher  # the application layer (it loads runs and trains recipes)
-
-        attach_teacher(objective)
     sampler_name, sampler_kwargs = _split(default_sampler(recipe))
     sampler_fn = SAMPLERS.get(sampler_name)
 

@@ -34,13 +34,18 @@ from .config import TrainConfig
 __all__ = ["RunLock", "RunDirectoryBusy", "RunExists", "ResumeMismatch", "LOCK_NAME", "run_contents",
            "check_run_dir_path", "refuse_existing_run", "clear_run", "remove_temp_files", "truncate_metrics",
            "set_aside_checkpoints_after", "resume_differences", "resolve_recipe", "prepare_run_dir",
-           "FIXED_ON_RESUME"]
+           "FIXED_ON_RESUME", "LaunchError"]
 
 LOCK_NAME = ".flowkit.lock"
 # What cannot change on --resume: anything that shapes the saved weights or optimiser state,
 # or the data they were fitted to, and the seed (random streams are restored from the checkpoint).
 # The objective's solver settings (objective.rtol, .method, ...) are the exception: they may change.
 FIXED_ON_RESUME = ("data", "dynamics", "objective", "train.optimizer", "train.seed")
+
+
+class LaunchError(RuntimeError):
+    """The processes of this run cannot do what it asks: accelerate set up other processes than
+    the launcher started, or a teacher recipe cannot train inside this process."""
 
 
 class RunDirectoryBusy(RunDirectoryError):

@@ -11,8 +11,8 @@ application, builds the map:
 - from a built :class:`~flowkit.flow.Flow` you hand over (:func:`flow_transport`), or
 - from the objective's ``teacher:`` setting (:class:`LazyTeacher`), on the first batch:
   a **run directory** is loaded with :func:`flowkit.run.load_run` (EMA weights when kept);
-  a **recipe** ``.yaml`` is first trained *in this process* by :func:`flowkit.train.train`
-  (``train.steps`` from ``teacher_steps`` when given; no checkpoints, samples or evaluation
+  a **recipe** ``.yaml`` is first trained *in this process* by the training function the
+  application hands in (:func:`flowkit.train.train` passes itself; ``train.steps`` from ``teacher_steps`` when given; no checkpoints, samples or evaluation
   on the way) into a temporary run directory, then loaded, with a warning, so one command
   reproduces the whole pipeline. The random, thread and accelerate state of the caller is
   restored afterwards, so a student run draws the same numbers whether its teacher was
@@ -20,9 +20,9 @@ application, builds the map:
   first and pass the run directory.
 
 Loading waits for the first batch, so building a student (``flowkit check``,
-``flowkit sample``) never touches its teacher. :func:`flowkit.recipe.build` attaches a
+``flowkit sample``) never touches its teacher. :func:`flowkit.train.train` attaches a
 :class:`LazyTeacher` to every objective that declares ``needs_teacher``
-(:func:`attach_teacher`).
+(:func:`attach_teacher`); code that builds a student itself calls :func:`attach_teacher`.
 
 References:
     Liu, Gong, Liu (2023). Flow Straight and Fast: Learning to Generate and Transfer Data
@@ -49,7 +49,7 @@ import random
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -62,7 +62,10 @@ from .objectives.flow_matching import TeacherSpec
 from .recipe import Built, load_recipe
 from .run import load_run
 from .samplers.ode_samplers import integrate_flow
-from .train import LaunchError, train
+from .rundir import LaunchError
+
+#: ``train(recipe, run_dir, *, source, progress, log)``: :func:`flowkit.train.train`
+TrainFunction = Callable[..., Any]
 
 __all__ = ["attach_teacher", "flow_transport", "load_teacher", "LazyTeacher"]
 
@@ -92,7 +95,8 @@ def flow_transport(flow: Flow, spec: TeacherSpec, *, conditional: bool = False) 
     return transport
 
 
-def attach_teacher(objective: Any, flow: Optional[Flow] = None, *, conditional: bool = False) -> None:
+def attach_teacher(objective: Any, flow: Optional[Flow] = None, *, conditional: bool = False,
+                   train: Optional[TrainFunction] = None) -> None:
     """Hand a ``needs_teacher`` objective its teacher map.
 
     Args:
@@ -101,12 +105,14 @@ def attach_teacher(objective: Any, flow: Optional[Flow] = None, *, conditional: 
         flow: a built teacher flow; ``None`` loads (or trains) the one the objective names,
             at the first batch (:class:`LazyTeacher`).
         conditional: with ``flow``: whether it takes the batch's condition.
+        train: the function that trains a teacher recipe (:func:`flowkit.train.train`, which
+            passes itself); needed only when the objective names a recipe.
     """
     spec: TeacherSpec = objective.teacher_spec
     if flow is not None:
         objective.attach_teacher(flow_transport(flow, spec, conditional=conditional))
     else:
-        objective.attach_teacher(LazyTeacher(spec))
+        objective.attach_teacher(LazyTeacher(spec, train=train))
 
 
 class LazyTeacher:
@@ -119,8 +125,9 @@ class LazyTeacher:
         spec: the teacher and its solver.
     """
 
-    def __init__(self, spec: TeacherSpec) -> None:
+    def __init__(self, spec: TeacherSpec, *, train: Optional[TrainFunction] = None) -> None:
         self.spec = spec
+        self.train = train
         self._built: Optional[Built] = None
 
     def __repr__(self) -> str:
@@ -132,7 +139,7 @@ class LazyTeacher:
     def load(self) -> Built:
         """The teacher's :class:`~flowkit.recipe.Built` parts (trained first for a recipe)."""
         if self._built is None:
-            self._built = load_teacher(self.spec.source, train_steps=self.spec.train_steps)
+            self._built = load_teacher(self.spec.source, train_steps=self.spec.train_steps, train=self.train)
         return self._built
 
     def __call__(self, noise: Tensor, cond: Optional[Tensor] = None) -> Tensor:
@@ -143,13 +150,16 @@ class LazyTeacher:
         return flow_transport(model.flow(), self.spec, conditional=built.conditional)(noise, cond)
 
 
-def load_teacher(source: str | Path, *, train_steps: Optional[int] = None) -> Built:
+def load_teacher(source: str | Path, *, train_steps: Optional[int] = None,
+                 train: Optional[TrainFunction] = None) -> Built:
     """Load the teacher ``source`` names: a run directory, or a recipe trained here first.
 
     Args:
         source: a run directory (``flowkit train ... --out RUN``), or a recipe ``.yaml``
             (relative paths from the working directory).
         train_steps: ``train.steps`` for a recipe (default: the recipe's own).
+        train: the function that trains a recipe (:func:`flowkit.train.train`); the
+            application hands it in, so this module does not import the trainer.
 
     Returns:
         The teacher's built parts, frozen (eval mode, no gradients), on the CPU.
@@ -167,7 +177,10 @@ def load_teacher(source: str | Path, *, train_steps: Optional[int] = None) -> Bu
             raise RunDirectoryError(f"teacher recipe {path} not found (relative paths are taken from the "
                                     f"working directory {os.getcwd()})")
         with tempfile.TemporaryDirectory(prefix="flowkit-teacher-") as tmp:
-            _train_in_process(path, Path(tmp) / "run", train_steps)
+            if train is None:
+                raise LaunchError(f"teacher recipe {path}: nothing to train it with; pass train=flowkit.train "
+                                  "(flowkit train does), or train it first and name the run directory")
+            _train_in_process(path, Path(tmp) / "run", train_steps, train)
             built, _ = load_run(Path(tmp) / "run")
     else:
         if not path.is_dir():
@@ -178,7 +191,7 @@ def load_teacher(source: str | Path, *, train_steps: Optional[int] = None) -> Bu
     return built
 
 
-def _train_in_process(recipe_path: Path, out: Path, train_steps: Optional[int]) -> None:
+def _train_in_process(recipe_path: Path, out: Path, train_steps: Optional[int], train: TrainFunction) -> None:
     """Train the teacher recipe into ``out`` with :func:`flowkit.train.train`, state restored."""
     overrides = ["train.checkpoint_every=0", "train.sample_every=0", "train.eval_every=0",
                  f"train.threads={torch.get_num_threads()}"]

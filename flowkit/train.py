@@ -41,7 +41,8 @@ from .allocator import tune_cpu_allocator
 from .checkpoint import (CheckpointError, RunDirectoryError, RunWriteError, last_good_checkpoint,
                          non_finite_tensors, save_checkpoint, save_recipe)
 from .recipe import Built, build, resolve_defaults
-from .rundir import RunLock, check_run_dir_path, prepare_run_dir, refuse_existing_run, resolve_recipe
+from .teacher import attach_teacher
+from .rundir import LaunchError, RunLock, check_run_dir_path, prepare_run_dir, refuse_existing_run, resolve_recipe
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -56,10 +57,6 @@ class TrainingDiverged(RuntimeError):
     Training stops before the bad update is used or saved; the last checkpoint verified
     finite is kept and named in the message.
     """
-
-
-class LaunchError(RuntimeError):
-    """The processes accelerate set up do not match what the launcher started."""
 
 
 # torchdiffeq / torchsde report a solve that cannot continue by these (AssertionError mostly)
@@ -577,6 +574,8 @@ def train(recipe: dict, run_dir: str | Path, *, overrides: Sequence[str] = (), r
     recipe = resolve_defaults(recipe)  # saved with every default written out: an old run rebuilds as it was
     set_seed(int((recipe.get("train") or {}).get("seed", 0)))  # network initialisation is seeded too
     built = build(recipe, source)
+    if built.objective.needs_teacher:  # declared (rectified_flow): loads, or trains, at its first batch
+        attach_teacher(built.objective, train=train)
     trainer = Trainer(built, run_dir, progress=progress)
     acc = trainer.accelerator
     main = acc.is_main_process

@@ -97,12 +97,21 @@ def test_an_unattached_teacher_says_how_to_attach_one():
 def test_building_a_student_never_touches_its_teacher():
     built = flowkit.build(_student_recipe("no/such/run"))  # build (and check) stay cheap
     coupling = built.objective.coupling
+    assert built.objective.needs_teacher and not coupling.attached  # the application attaches it
+    attach_teacher(built.objective, train=flowkit.train)
     assert coupling.attached and isinstance(coupling._transport, LazyTeacher)
     assert coupling._transport._built is None
     with pytest.raises(RunDirectoryError, match="teacher run directory no/such/run not found"):
         built.objective.loss(torch.zeros(4, 2))
+    student = flowkit.build(_student_recipe("no/such.yaml")).objective
+    attach_teacher(student, train=flowkit.train)
     with pytest.raises(RunDirectoryError, match="teacher recipe no/such.yaml not found"):
-        flowkit.build(_student_recipe("no/such.yaml")).objective.loss(torch.zeros(4, 2))
+        student.loss(torch.zeros(4, 2))
+
+
+def test_a_recipe_teacher_needs_a_training_function(teacher_recipe):
+    with pytest.raises(LaunchError, match="pass train=flowkit.train"):
+        load_teacher(teacher_recipe)
 
 
 def test_a_missing_teacher_is_a_clean_command_line_error(tmp_path, capsys):
@@ -123,7 +132,7 @@ def test_copies_of_the_student_share_one_teacher(teacher_run):
 
 def test_a_recipe_teacher_is_trained_in_this_process_as_its_recipe_says(teacher_recipe, tmp_path, no_subprocess):
     with pytest.warns(UserWarning, match="training the reflow teacher .* in this process"):
-        trained = load_teacher(teacher_recipe, train_steps=6)
+        trained = load_teacher(teacher_recipe, train_steps=6, train=flowkit.train)
     flowkit.train(flowkit.apply_overrides(TEACHER, [*QUIET, "train.steps=6"]), tmp_path / "same",
                   progress=False, log=lambda *a, **k: None)
     same, step = flowkit.load_run(tmp_path / "same")
@@ -148,7 +157,7 @@ def test_training_a_teacher_leaves_the_callers_random_state_and_threads(teacher_
     expected = states()
     seed()
     with pytest.warns(UserWarning):
-        LazyTeacher(TeacherSpec(str(teacher_recipe), train_steps=3)).load()
+        LazyTeacher(TeacherSpec(str(teacher_recipe), train_steps=3), train=flowkit.train).load()
     found = states()
     assert torch.equal(expected[0], found[0]) and (expected[1] == found[1]).all()
     assert expected[2:] == found[2:]
@@ -175,7 +184,7 @@ def test_a_student_trains_alike_on_a_recipe_teacher_and_on_its_run(teacher_recip
 def test_a_multi_process_run_is_told_to_train_its_teacher_first(teacher_recipe, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(LaunchError, match="multi-process run cannot train its teacher.*--out RUN"):
-        load_teacher(teacher_recipe)
+        load_teacher(teacher_recipe, train=flowkit.train)
 
 
 class _nothing:

@@ -52,6 +52,9 @@ class Objective(nn.Module):
 
     nested: ClassVar[Mapping[str, Registry]] = {}
     provides: ClassVar[frozenset[str]] = frozenset({"velocity"})
+    #: whether the objective learns from a teacher model that the application hands it
+    #: (:func:`flowkit.teacher.attach_teacher`; ``rectified_flow``)
+    needs_teacher: ClassVar[bool] = False
     argument_rules: ClassVar[tuple[Rule, ...]] = ()
 
     def __init__(self, shape: tuple[int, ...]) -> None:
