@@ -214,7 +214,7 @@ def test_rectified_flow_trains_on_teacher_pairs(icfm_run):
     run, teacher_built = icfm_run
     student = RectifiedFlow(lambda: flowkit.DYNAMICS.build("mlp", dim=2, hidden=[16]), (2,), teacher=str(run),
                             method="rk4", steps=8)
-    flowkit.teacher.attach_teacher(student)  # what flowkit.build does for an objective that needs_teacher
+    flowkit.teacher.attach_teacher(student)  # what flowkit.train does for an objective that needs_teacher
     assert isinstance(student.coupling, Teacher)
     assert not any("teacher" in k for k in student.state_dict())  # the teacher is not part of the model
     noise = torch.randn(64, 2)
