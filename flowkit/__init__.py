@@ -10,12 +10,12 @@ Example:
     >>> result = flowkit.train(recipe, "runs/demo")  # doctest: +SKIP
 """
 
-from .components import COUPLINGS, DATASETS, DYNAMICS, OBJECTIVES, PATHS, SAMPLERS, SDES
+from .components import COUPLINGS, DATASETS, DYNAMICS, OBJECTIVES, PATHS, SAMPLERS
 from .registry import Registry, RegistryError, all_registries
 from .flow import FieldError, Flow, NonFiniteFieldError, StandardNormal, guided
 from .divergence import divergence, sample_probe
 from .likelihood import bits_per_dim, flow_log_likelihood, log_likelihood
-from . import data, data_real, paths  # noqa: F401  (register datasets, SDEs and paths)
+from . import data, data_real, paths  # noqa: F401  (register datasets and Gaussian paths)
 from . import couplings  # noqa: F401  (register couplings)
 from .diffusion import flow_from_score, probability_flow_field, score_log_likelihood
 from .gmm import GaussianMixture
@@ -29,7 +29,7 @@ from .evaluate import Evaluation, evaluate_model, evaluate_nll, generate, sample
 __version__ = "0.1.0"
 
 __all__ = [
-    "DYNAMICS", "OBJECTIVES", "SAMPLERS", "DATASETS", "SDES", "PATHS", "COUPLINGS",
+    "DYNAMICS", "OBJECTIVES", "SAMPLERS", "DATASETS", "PATHS", "COUPLINGS",
     "Registry", "RegistryError", "all_registries", "Flow", "StandardNormal", "guided",
     "FieldError", "NonFiniteFieldError",
     "divergence", "sample_probe", "log_likelihood", "flow_log_likelihood", "bits_per_dim", "odeint", "SolverSpec",

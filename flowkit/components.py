@@ -1,15 +1,20 @@
 """The registries every recipe section draws from.
 
-=============  ====================  ==========================================
-registry       recipe section        what a component is
-=============  ====================  ==========================================
-``DYNAMICS``   ``dynamics``          ``nn.Module`` field ``f(t, x, cond=None)``
-``OBJECTIVES`` ``objective``         ``nn.Module`` with ``loss(x, cond)`` and ``flow()``
-``SAMPLERS``   ``sampler``           function ``(flow, x, *, cond=None, **options)``
-``DATASETS``   ``data``              :class:`flowkit.data.Dataset`
-``SDES``       ``objective.sde``     forward SDE / Gaussian path (diffusion)
-``PATHS``      ``objective.path``    Gaussian probability path (flow matching)
-=============  ====================  ==========================================
+==============  ========================  ==========================================
+registry        recipe section            what a component is
+==============  ========================  ==========================================
+``DYNAMICS``    ``dynamics``              ``nn.Module`` field ``f(t, x, cond=None)``
+``OBJECTIVES``  ``objective``             ``nn.Module`` with ``loss(x, cond)`` and ``flow()``
+``SAMPLERS``    ``sampler``               function ``(flow, x, *, cond=None, **options)``
+``DATASETS``    ``data``                  :class:`flowkit.data.Dataset`
+``PATHS``       ``objective.path``,       :class:`flowkit.paths.GaussianPath`: a probability
+                ``objective.sde``         path that is also a forward SDE
+``COUPLINGS``   ``objective.coupling``    minibatch pairing of data and noise
+==============  ========================  ==========================================
+
+A diffusion's forward SDE and a flow-matching path are one object, a
+:class:`flowkit.paths.GaussianPath`, so score matching's ``sde`` and flow matching's
+``path`` draw their names from the one ``PATHS`` registry.
 
 What a component accepts is declared, not probed: its constructor's annotations give each
 argument's type and range (:mod:`flowkit.constraints`, e.g. ``steps: PositiveInt``), an
@@ -23,12 +28,11 @@ from __future__ import annotations
 
 from .registry import Registry
 
-__all__ = ["DYNAMICS", "OBJECTIVES", "SAMPLERS", "DATASETS", "SDES", "PATHS", "COUPLINGS"]
+__all__ = ["DYNAMICS", "OBJECTIVES", "SAMPLERS", "DATASETS", "PATHS", "COUPLINGS"]
 
 DYNAMICS = Registry("dynamics")
 OBJECTIVES = Registry("objective")
 SAMPLERS = Registry("sampler")
 DATASETS = Registry("dataset")
-SDES = Registry("sde")
 PATHS = Registry("path")
 COUPLINGS = Registry("coupling")

@@ -71,6 +71,7 @@ from torch import Tensor
 from .components import DATASETS
 from .constraints import (AtLeast, FiniteFloat, NonNegativeFloat, PositiveFloat, PositiveInt, Range, Seed,
                           constraints_of)
+from .gmm import GaussianMixture
 from .recipe import RecipeError
 
 __all__ = [
@@ -93,7 +94,7 @@ __all__ = [
     "ConcentricRings",
     "Sierpinski",
     "FractalTree",
-    "GaussianMixture",
+    "GaussianMixtureData",
 ]
 
 _F32 = torch.float32
@@ -692,8 +693,8 @@ class FractalTree(SyntheticDataset):
 
 
 @DATASETS.register("gmm")
-class GaussianMixture(SyntheticDataset):
-    """Gaussian mixture with full covariances in ``dim`` dimensions; exact ``log_prob``.
+class GaussianMixtureData(SyntheticDataset):
+    """The ``gmm`` dataset: a random full-covariance Gaussian mixture in ``dim`` dimensions.
 
     .. math::
         p(x) = \\sum_k w_k\\, \\mathcal N(x;\\ \\mu_k, \\Sigma_k),\\qquad
@@ -701,15 +702,21 @@ class GaussianMixture(SyntheticDataset):
         \\Sigma_k = 0.3\\, A_k A_k^\\top + 0.05\\, I,\\quad A_{k,ij} \\sim \\mathcal N(0, 1),
 
     with the parameters drawn once from a generator seeded ``seed``. The weights are
-    equal, or with ``mixing="random"`` drawn from a flat Dirichlet. The attributes
-    ``means [K, D]``, ``covs [K, D, D]`` and ``weights [K]`` (float32) let other code
-    compute closed-form scores ``∇ log p``. Labels = component.
+    equal, or with ``mixing="random"`` drawn from a flat Dirichlet. The mixture itself is
+    :attr:`mixture`, a float32 :class:`flowkit.gmm.GaussianMixture`, which samples and gives
+    the exact ``log_prob`` (and its marginals and scores along a Gaussian path); ``means
+    [K, D]``, ``covs [K, D, D]`` and ``weights [K]`` are its parameters. Labels = component.
 
     Args:
         dim: dimension ``D``.
         components: number of components ``K``.
         seed: seed of the parameters (not of the samples).
         mixing: ``"equal"`` weights ``1/K`` or ``"random"`` Dirichlet(1) weights.
+
+    Example:
+        >>> data = GaussianMixtureData(dim=3, components=2)
+        >>> data.mixture
+        GaussianMixture(K=2, D=3, dtype=torch.float32)
     """
 
     @check_declared
@@ -727,20 +734,27 @@ class GaussianMixture(SyntheticDataset):
             weights = e / e.sum()
         else:
             weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
-        self.means = means.to(_F32)
-        self.covs = covs.to(_F32)
-        self.weights = weights.to(_F32)
-        self._scale_tril = torch.linalg.cholesky(self.covs.double()).to(_F32)
+        self.mixture = GaussianMixture(means.to(_F32), covs.to(_F32), weights.to(_F32))
+        self._by_dtype: dict[tuple[torch.dtype, torch.device], GaussianMixture] = {}
+
+    @property
+    def means(self) -> Tensor:
+        return self.mixture.means
+
+    @property
+    def covs(self) -> Tensor:
+        return self.mixture.covs
+
+    @property
+    def weights(self) -> Tensor:
+        return self.mixture.weights
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
-        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = _randn(generator, n, self.shape[0], 1)
-        x = self.means[labels] + (self._scale_tril[labels] @ z).squeeze(-1)
-        return x, labels
+        return self.mixture.sample_components(n, generator)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact ``log Σ_k w_k N(x; μ_k, Σ_k)``, computed in ``x``'s dtype."""
-        dist = torch.distributions.MultivariateNormal(
-            self.means.to(x), covariance_matrix=self.covs.to(x), validate_args=False)
-        per_component = dist.log_prob(x.unsqueeze(-2))  # [n, K]
-        return torch.logsumexp(per_component + self.weights.to(x).log(), dim=-1)
+        key = (x.dtype, x.device)
+        if key not in self._by_dtype:
+            self._by_dtype[key] = self.mixture.to(x.dtype, x.device)
+        return self._by_dtype[key].log_prob(x)

@@ -19,13 +19,13 @@ For a flow ``dx/dt = v(t, x)`` the instantaneous change of variables
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Field", "Prior", "StandardNormal", "Flow", "guided", "FieldError", "NonFiniteFieldError"]
+__all__ = ["Field", "Prior", "StandardNormal", "TimeGrid", "Flow", "guided", "FieldError", "NonFiniteFieldError"]
 
 
 class FieldError(ValueError):
@@ -78,6 +78,48 @@ class StandardNormal:
         return -0.5 * sq - 0.5 * d * math.log(2 * math.pi * self.std**2)
 
 
+@dataclass(frozen=True)
+class TimeGrid:
+    r"""The time grid a model was trained on, which step-by-step samplers use by default.
+
+    ``steps + 1`` times from ``t1`` down to ``t0``,
+
+    .. math::  t_k = t_0 + (t_1 - t_0) \left(\frac{k}{\mathrm{steps}}\right)^{\mathrm{power}},
+               \qquad k = \mathrm{steps}, \dots, 0,
+
+    uniform for ``power = 1``; DiffFlow's ``L_β`` grid (Zhang & Chen 2021, Sec. 3.3) for
+    ``power = β``. A model whose networks only ever saw these times samples best on them.
+
+    Args:
+        steps: number of steps ``N >= 1``.
+        power: exponent ``β > 0`` of the spacing.
+
+    Raises:
+        ValueError: ``steps`` not an integer ``>= 1`` or ``power`` not ``> 0``.
+
+    Example:
+        >>> TimeGrid(steps=2, power=2.0).times(0.0, 1.0, like=torch.zeros(()))
+        tensor([1.0000, 0.2500, 0.0000])
+    """
+
+    steps: int
+    power: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"TimeGrid.steps must be an integer >= 1, got {self.steps!r}")
+        if not float(self.power) > 0 or not math.isfinite(float(self.power)):
+            raise ValueError(f"TimeGrid.power must be a finite number > 0, got {self.power!r}")
+
+    def times(self, t0: float, t1: float, like: Tensor) -> Tensor:
+        """The ``steps + 1`` times from ``t1`` down to ``t0``, in ``like``'s dtype and device."""
+        steps, power = int(self.steps), float(self.power)
+        if power == 1.0:
+            return torch.linspace(t1, t0, steps + 1, dtype=like.dtype, device=like.device)
+        k = torch.arange(steps, -1, -1, dtype=torch.float64) / steps
+        return (t0 + (t1 - t0) * k**power).to(dtype=like.dtype, device=like.device)
+
+
 @dataclass
 class Flow:
     """A learned flow of probability mass, ready for sampling and likelihood.
@@ -92,6 +134,9 @@ class Flow:
         drift / diffusion: the forward SDE ``dx = f(t,x) dt + g(t) dw`` whose marginals
             the flow shares; needed by reverse-SDE samplers.
         denoise: Tweedie's ``E[x_data | x_t]`` for a final denoising step, if available.
+        time_grid: the :class:`TimeGrid` the model was trained on (DiffFlow's ``L_β`` grid with
+            its last ``N``), or ``None`` for a model trained at continuous times; reverse-SDE
+            samplers take their ``steps`` and ``grid_power`` from it unless given.
     """
 
     velocity: Field
@@ -103,7 +148,7 @@ class Flow:
     drift: Optional[Field] = None
     diffusion: Optional[Callable[[Tensor], Tensor]] = None
     denoise: Optional[Field] = None
-    extras: dict = field(default_factory=dict)
+    time_grid: Optional[TimeGrid] = None
 
     def segments(self) -> list[tuple[Field, float, float]]:
         """``(field, t_start, t_end)`` from data to prior; one per stacked block."""

@@ -51,8 +51,21 @@ class GaussianMixture:
         self.means = means
         self.covs = covs
         self.weights = weights / weights.sum()
-        self._chol = torch.linalg.cholesky(covs)
-        self._chol_inv = _tril_inverse(self._chol)
+        # factorised in float64 whatever the parameters' dtype, then cast: a float32 mixture
+        # gets the correctly rounded factor of its own covariances
+        chol = torch.linalg.cholesky(covs.to(torch.float64))
+        self._chol = chol.to(covs.dtype)
+        self._chol_inv = _tril_inverse(chol).to(covs.dtype)
+
+    def to(self, dtype: Optional[torch.dtype] = None,
+           device: Optional[torch.device | str] = None) -> "GaussianMixture":
+        """The same mixture with its parameters cast to ``dtype`` and moved to ``device``
+        (refactorised there, so a float64 copy of a float32 mixture is exact in float64)."""
+        if (dtype is None or dtype == self.means.dtype) and (device is None or
+                                                              torch.device(device) == self.means.device):
+            return self
+        return GaussianMixture(self.means.to(dtype=dtype, device=device), self.covs.to(dtype=dtype, device=device),
+                               self.weights.to(dtype=dtype, device=device))
 
     @property
     def shape(self) -> tuple[int]:
@@ -74,9 +87,17 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """``n`` independent samples ``[n, D]`` (component by ancestral sampling)."""
+        return self.sample_components(n, generator)[0]
+
+    def sample_components(self, n: int, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        r"""``n`` samples ``[n, D]`` and the component ``k`` ``[n]`` (long) each came from.
+
+        Ancestral sampling: ``k ~ Categorical(w)``, then ``x = μ_k + L_k z`` with
+        ``Σ_k = L_k L_kᵀ`` and ``z ~ N(0, I)``; both draws use only ``generator``.
+        """
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, dtype=self.means.dtype, device=self.means.device, generator=generator)
-        return self.means[k] + (self._chol[k] @ z.unsqueeze(-1)).squeeze(-1)
+        return self.means[k] + (self._chol[k] @ z.unsqueeze(-1)).squeeze(-1), k
 
     def mean(self) -> Tensor:
         """``E[x] = Σ_k w_k μ_k``."""

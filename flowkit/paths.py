@@ -46,6 +46,11 @@ Paths with ``α_{t1} = 0`` (:class:`CondOT`, :class:`Cosine`, :class:`Polynomial
 (``EDGE = 1e-5``), and SDE samplers on them need ``t1`` a little below 1, e.g.
 ``t1=0.999`` (a constructor argument); ODE samplers and likelihoods are unaffected.
 
+So a diffusion's SDE and a flow-matching path are one type with one registry,
+:data:`flowkit.components.PATHS`: every registered path serves score matching
+(``objective.sde``) and flow matching (``objective.path``) alike, and declares no
+capability beyond the schedule.
+
 References:
     Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole (2021). Score-Based Generative
     Modeling through Stochastic Differential Equations. ICLR.
@@ -55,7 +60,7 @@ References:
     Efron (2011). Tweedie's Formula and Selection Bias. JASA.
 
 Example:
-    >>> path = SDES.build("vp")
+    >>> path = PATHS.build("vp")
     >>> x0, eps = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     >>> t = torch.full((4,), 0.3, dtype=torch.float64)
     >>> xt = path.sample(x0, t, eps)
@@ -73,7 +78,7 @@ from typing import Annotated, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from .components import PATHS, SDES
+from .components import PATHS
 from .constraints import NonNegativeFloat, PositiveFloat, Range, Rule
 
 #: the ends of a path's time interval: ``t0 < t1`` (both checked by ``flowkit check``)
@@ -291,7 +296,7 @@ def _broadcast(c: Tensor, x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- diffusions
-@SDES.register("vp")
+@PATHS.register("vp")
 class VP(GaussianPath):
     r"""Variance-preserving SDE (DDPM's limit; Song et al. 2021, eq. 11): ``α² + σ² = 1``.
 
@@ -348,10 +353,7 @@ class VP(GaussianPath):
         return self.beta(_as_tensor(t))
 
 
-PATHS.register("vp")(VP)
-
-
-@SDES.register("subvp")
+@PATHS.register("subvp")
 class SubVP(VP):
     r"""Sub-VP SDE (Song et al. 2021, Sec. 3.4): VP's ``α_t``, ``σ_t = 1 − α_t²``.
 
@@ -372,7 +374,7 @@ class SubVP(VP):
         return self.beta(t) * -torch.expm1(-2 * self.integrated_beta(t))
 
 
-@SDES.register("ve")
+@PATHS.register("ve")
 class VE(GaussianPath):
     r"""Variance-exploding SDE (SMLD's limit; Song et al. 2021, eq. 9): ``α = 1``.
 

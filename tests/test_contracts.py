@@ -71,7 +71,7 @@ IMAGE = (1, 8, 8)
 #: ``{registry kind: {name: example}}``; what an example is depends on the registry:
 #: dynamics ``{shape, kwargs}`` (``dim`` and ``shape`` are injected, as flowkit does);
 #: objective: a list of tiny recipes (without ``sampler``/``train``); sampler ``{fast,
-#: accurate}`` keyword arguments; coupling, sde and path: constructor keyword arguments;
+#: accurate}`` keyword arguments; coupling and path: constructor keyword arguments;
 #: dataset: a recipe ``data`` block, ``{maf_root}`` / ``{csv}`` standing for the files the
 #: fixtures write (``skip`` giving the reason where a set cannot be made here).
 EXAMPLES: dict[str, dict[str, Any]] = {
@@ -167,13 +167,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "miniboone": {"name": "miniboone", "root": "{maf_root}", "split": "validation"},
         "bsds300": {"name": "bsds300", "root": "{maf_root}"},
     },
-    "sde": {
+    "path": {
         "vp": {"beta_min": 0.1, "beta_max": 20.0},
         "subvp": {"beta_min": 0.1, "beta_max": 20.0},
         "ve": {"sigma_min": 0.01, "sigma_max": 50.0},
-    },
-    "path": {
-        "vp": {},
         "cond_ot": {"sigma_min": 0.01},
         "cosine": {},
         "polynomial": {"exponent": 3.0},
@@ -202,7 +199,7 @@ def test_every_registered_component_declares_an_example():
         stale = sorted(set(EXAMPLES[registry.kind]) - set(registry.names()))
         assert not missing, f"{registry.kind}: registered without a contract example: {missing}"
         assert not stale, f"{registry.kind}: examples for names no longer registered: {stale}"
-    for kind in ("dynamics", "objective", "sampler", "coupling", "dataset", "sde", "path"):
+    for kind in ("dynamics", "objective", "sampler", "coupling", "dataset", "path"):
         assert _cases(kind), f"the {kind} registry is empty"
 
 
@@ -659,7 +656,7 @@ def test_dataset_contract(name, data_files):
 
 
 def _path_cases() -> list:
-    return [pytest.param(kind, name, id=f"{kind}-{name}") for kind in ("sde", "path") for name in _cases(kind)]
+    return [pytest.param("path", name, id=f"path-{name}") for name in _cases("path")]
 
 
 def _interior(path: GaussianPath, n: int = 41) -> Tensor:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from flowkit.components import DATASETS
-from flowkit.data import Dataset, GaussianMixture, Standardized, get_dataset
+import flowkit
+from flowkit import gmm
+from flowkit.data import Dataset, GaussianMixtureData, Standardized, get_dataset
 from flowkit.registry import RegistryError
 
 # generated datasets only: file-backed ones (digits, hf, MAF tables) have tests/test_data_real.py
@@ -111,7 +113,7 @@ def test_checkerboard_support_and_density():
 
 
 def test_gmm_integrates_to_one():
-    data = GaussianMixture(dim=2, components=4, seed=0)
+    data = GaussianMixtureData(dim=2, components=4, seed=0)
     assert data.means.shape == (4, 2) and data.covs.shape == (4, 2, 2) and data.weights.shape == (4,)
     spread = 8 * torch.linalg.eigvalsh(data.covs.double()).max().sqrt().item()
     lo = data.means.min().item() - spread
@@ -123,7 +125,7 @@ def test_gmm_integrates_to_one():
 
 
 def test_gmm_single_component_by_hand():
-    data = GaussianMixture(dim=2, components=1, seed=3)
+    data = GaussianMixtureData(dim=2, components=1, seed=3)
     (m1, m2), ((a, b), (c, d)) = data.means[0].double().tolist(), data.covs[0].double().tolist()
     x1, x2 = 0.3, -1.2
     det = a * d - b * c
@@ -145,6 +147,24 @@ def test_gmm_options():
     assert not torch.equal(get_dataset("gmm", seed=1).means, get_dataset("gmm", seed=2).means)
     with pytest.raises(ValueError):
         get_dataset("gmm", mixing="dirichlet")
+
+
+def test_gmm_dataset_is_one_closed_form_mixture():
+    """One mixture class: the ``gmm`` dataset holds a :class:`flowkit.gmm.GaussianMixture`
+    and samples and scores through it, so its draws are the mixture's draws."""
+    assert flowkit.GaussianMixture is gmm.GaussianMixture
+    assert getattr(flowkit.data, "GaussianMixture", gmm.GaussianMixture) is gmm.GaussianMixture
+    data = get_dataset("gmm", dim=3, components=4, seed=2, mixing="random")
+    assert isinstance(data, GaussianMixtureData) and isinstance(data.mixture, gmm.GaussianMixture)
+    assert data.means is data.mixture.means and data.covs is data.mixture.covs
+    x, labels = data.train_batch(64, gen(5))
+    y, k = data.mixture.sample_components(64, gen(5))
+    assert torch.equal(x, y) and torch.equal(labels, k)
+    assert torch.equal(data.mixture.sample(64, gen(5)), x)
+    torch.testing.assert_close(data.log_prob(x), data.mixture.log_prob(x))
+    x64 = x.double()
+    torch.testing.assert_close(data.log_prob(x64), data.mixture.to(torch.float64).log_prob(x64))
+    assert data.log_prob(x64).dtype == torch.float64
 
 
 # --------------------------------------------------------------------------- DiffFlow sets
@@ -179,7 +199,7 @@ def test_olympic_rings_official_layout():
 
 
 def test_standardized_moves_each_coordinate_to_unit_scale_and_keeps_densities():
-    inner = GaussianMixture(dim=2, components=3, seed=1)
+    inner = GaussianMixtureData(dim=2, components=3, seed=1)
     data = Standardized(inner, reference=50_000)
     y, labels = data.test_set(50_000, seed=7)
     assert y.mean(0).abs().max().item() < 0.03 and (y.std(0) - 1).abs().max().item() < 0.03

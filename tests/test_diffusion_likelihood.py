@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowkit.components import SDES
+from flowkit.components import PATHS
 from flowkit.diffusion import flow_from_score, probability_flow_field, score_log_likelihood, xt_score_to_field
 from flowkit.flow import StandardNormal
 from flowkit.gmm import GaussianMixture, mixture_score_field
@@ -62,7 +62,7 @@ def run(path: GaussianPath, gmm: GaussianMixture, n: int, seed: int = 1, **optio
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 def test_exact_score_gives_exact_likelihood_2d(name: str):
-    path = SDES.build(name)
+    path = PATHS.build(name)
     out, ref = run(path, make_mixture(2), 48, rtol=1e-6, atol=1e-6, estimator="exact", per_sample_norm=True)
     err = (out.log_prob - ref).abs().max().item()
     assert err < 1e-3, err
@@ -71,7 +71,7 @@ def test_exact_score_gives_exact_likelihood_2d(name: str):
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 def test_exact_score_gives_exact_likelihood_8d(name: str):
-    path = SDES.build(name)
+    path = PATHS.build(name)
     out, ref = run(path, make_mixture(8, seed=5), 12, rtol=1e-5, atol=1e-5)
     err = (out.log_prob - ref).abs().max().item()
     assert err < 1e-2, err
@@ -79,7 +79,7 @@ def test_exact_score_gives_exact_likelihood_8d(name: str):
 
 def test_hutchinson_is_unbiased():
     """Fixed Rademacher probes per solve: per-point errors scatter around zero."""
-    path = SDES.build("vp")
+    path = PATHS.build("vp")
     gmm = make_mixture(2)
     out, ref = run(path, gmm, 200, estimator="hutchinson", n_probes=4, rtol=1e-5, atol=1e-5,
                    generator=torch.Generator().manual_seed(0))
@@ -92,7 +92,7 @@ def test_hutchinson_is_unbiased():
 def test_standard_normal_prior_bias_is_small_but_nonzero():
     """``N(0, I)`` is not exactly ``p_1`` (VP keeps ``α_1 ≈ 0.0066`` of the signal): a bias of
     ~1e-2 nats per point, far above the solver error and far below the likelihood itself."""
-    path = SDES.build("vp")
+    path = PATHS.build("vp")
     gmm = make_mixture(2)
     exact, ref = run(path, gmm, 48, rtol=1e-6, atol=1e-6)
     approx, _ = run(path, gmm, 48, rtol=1e-6, atol=1e-6, prior=None)
@@ -105,7 +105,7 @@ def test_standard_normal_prior_bias_is_small_but_nonzero():
 
 
 def test_flow_from_score_and_public_api_agree():
-    path = SDES.build("subvp")
+    path = PATHS.build("subvp")
     gmm = make_mixture(2)
     field_score = mixture_score_field(gmm, path)
     x = gmm.sample(8, torch.Generator().manual_seed(3))
@@ -123,7 +123,7 @@ def test_flow_from_score_and_public_api_agree():
 
 def test_custom_interval():
     """``t0``/``t1`` override the path's: integrating from 0.2 gives the density at 0.2."""
-    path = SDES.build("vp")
+    path = PATHS.build("vp")
     gmm = make_mixture(2)
     x = gmm.marginal(path, 0.2).sample(16, torch.Generator().manual_seed(4))
     out = score_log_likelihood(xt_score(gmm, path), x, path, t0=0.2, t1=0.8,

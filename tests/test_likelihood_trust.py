@@ -26,7 +26,7 @@ import warnings
 import pytest
 import torch
 
-from flowkit.components import SDES
+from flowkit.components import PATHS
 from flowkit.config import EvalConfig
 from flowkit.diffusion import flow_from_score, score_log_likelihood
 from flowkit.divergence import divergence, sample_probe
@@ -104,7 +104,7 @@ def test_score_without_graph_gives_closed_form_gaussian_nll(how):
 
 @pytest.mark.parametrize("how", ["no_grad", "inference_mode", "detach"])
 def test_score_without_graph_gives_exact_mixture_likelihood(how):
-    path = SDES.build("vp")
+    path = PATHS.build("vp")
     gmm = mixture(2)
     field = mixture_score_field(gmm, path)
     x = gmm.marginal(path, path.t0).sample(12, torch.Generator().manual_seed(1))
@@ -117,7 +117,7 @@ def test_score_without_graph_gives_exact_mixture_likelihood(how):
 
 def test_float32_score_without_graph_stays_accurate():
     """Central differences in float32 (the dtype of most external models): error ~1e-4 nats."""
-    path = SDES.build("vp")
+    path = PATHS.build("vp")
     gmm64 = mixture(2)
     gmm = GaussianMixture(gmm64.means.float(), gmm64.covs.float(), gmm64.weights.float())
     field = mixture_score_field(gmm, path)
@@ -133,7 +133,7 @@ def test_float32_score_without_graph_stays_accurate():
 def test_caller_under_no_grad_or_inference_mode_gets_the_exact_likelihood(mode):
     """``with torch.no_grad():`` / ``with torch.inference_mode():`` around the call, with ``x``
     even created inside it: the same exact mixture likelihood, no warning (autograd is used)."""
-    path = SDES.build("vp")
+    path = PATHS.build("vp")
     gmm = mixture(2, seed=3)
     field = mixture_score_field(gmm, path)
     ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
@@ -152,7 +152,7 @@ def test_caller_under_no_grad_or_inference_mode_gets_the_exact_likelihood(mode):
 def test_flow_and_evaluate_nll_of_a_detached_score_flow_are_exact(how):
     """The same contract through flow_from_score → flow_log_likelihood and evaluate_nll (also
     called under inference_mode), the paths of `flowkit nll`."""
-    path = SDES.build("vp")
+    path = PATHS.build("vp")
     gmm = mixture(2, seed=4)
     flow = flow_from_score(wrap_field(mixture_score_field(gmm, path), how), path, (2,),
                            prior=gmm.marginal(path, path.t1))
@@ -419,7 +419,7 @@ def test_float32_vp_scores_of_the_report_give_the_closed_form(c):
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 @pytest.mark.parametrize("c", [1.0, 0.99])
 def test_float32_linear_scores_give_the_closed_form_on_every_path(name, c):
-    path = SDES.build(name)
+    path = PATHS.build(name)
 
     def score(x, t):
         m = path.alpha(t) ** 2 + path.sigma(t) ** 2
@@ -437,7 +437,7 @@ def test_float32_mixture_score_gives_the_exact_likelihood(name):
     """A float32 model with its full autograd graph and the default solver: the exact score of
     ``0.9 N(0, I) + 0.1 N(μ, Σ)`` at points of its bulk, where the PF-ODE velocity at ``t0`` is
     nearly 0 (as for standardised data), so the first-step probe lands far beyond ``t1``."""
-    path = SDES.build(name)
+    path = PATHS.build(name)
     means = torch.tensor([[0.0, 0.0], [3.0, -2.0]], dtype=F64)
     covs = torch.stack([torch.eye(2, dtype=F64), torch.tensor([[0.5, 0.2], [0.2, 0.4]], dtype=F64)])
     gmm64 = GaussianMixture(means, covs, torch.tensor([0.9, 0.1], dtype=F64))

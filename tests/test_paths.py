@@ -8,7 +8,8 @@ import pytest
 import torch
 import torchdiffeq
 
-from flowkit.components import PATHS, SDES
+import flowkit
+from flowkit.components import OBJECTIVES, PATHS
 from flowkit.gmm import GaussianMixture, mixture_score_field
 from flowkit.paths import EDGE, CondOT, Cosine, GaussianPath, PathCoefficients, Polynomial, VE, VP
 
@@ -25,8 +26,7 @@ def single_thread():
     torch.set_num_threads(n)
 
 PATH_CASES = (
-    [pytest.param(SDES.build(n), id=f"sde-{n}") for n in SDES.names()]
-    + [pytest.param(PATHS.build(n), id=f"path-{n}") for n in PATHS.names()]
+    [pytest.param(PATHS.build(n), id=f"path-{n}") for n in PATHS.names()]
     + [pytest.param(CondOT(sigma_min=0.01), id="cond_ot-smin"),
        pytest.param(Polynomial(exponent=3.0), id="polynomial-3"),
        pytest.param(VP(beta_min=0.5, beta_max=10.0, t1=2.0), id="vp-T2")]
@@ -40,10 +40,42 @@ def interior(path: GaussianPath, n: int = 9) -> torch.Tensor:
 
 
 def test_registered_names():
-    assert {"vp", "subvp", "ve"} <= set(SDES.names())
-    assert {"cond_ot", "cosine", "polynomial", "vp"} <= set(PATHS.names())
-    assert PATHS.get("vp") is SDES.get("vp")
+    assert {"vp", "subvp", "ve", "cond_ot", "cosine", "polynomial"} <= set(PATHS.names())
     assert isinstance(PATHS.build("polynomial", exponent=1.5), Polynomial)
+
+
+def test_one_registry_holds_every_gaussian_path():
+    """SDEs and flow-matching paths are one type, so one registry: no ``sde`` twin holding
+    ``vp`` a second time, and score matching's ``sde`` draws from ``PATHS``."""
+    assert "sde" not in flowkit.all_registries() and not hasattr(flowkit, "SDES")
+    assert OBJECTIVES.get("score_matching").nested["sde"] is PATHS
+    assert OBJECTIVES.get("cfm").nested["path"] is PATHS
+
+
+@pytest.mark.parametrize("section, spec", [
+    ("sde", {"name": "cosine", "t1": 0.999}), ("sde", {"name": "cond_ot", "sigma_min": 0.01}),
+    ("path", {"name": "ve", "sigma_max": 5.0}), ("path", {"name": "subvp"})])
+def test_every_path_serves_both_objectives(section, spec):
+    """Every Gaussian path is a forward SDE (``f = α̇/α``, ``g² = 2σD/α``), so score matching
+    takes an interpolant and flow matching a diffusion; both build and give a finite loss."""
+    objective = {"sde": "score_matching", "path": "cfm"}[section]
+    recipe = {"data": {"name": "8gaussians"}, "dynamics": {"name": "mlp", "hidden": [8]},
+              "objective": {"name": objective, section: spec}}
+    flowkit.validate(recipe, "recipe")
+    built = flowkit.build(recipe)
+    assert type(getattr(built.objective, section)) is PATHS.get(spec["name"])
+    torch.manual_seed(0)
+    assert bool(torch.isfinite(built.objective.loss(torch.randn(8, 2)).loss))
+
+
+def test_unknown_sde_lists_every_path():
+    recipe = {"data": {"name": "8gaussians"}, "dynamics": {"name": "mlp"},
+              "objective": {"name": "score_matching", "sde": {"name": "cosin"}}}
+    with pytest.raises(flowkit.RecipeError) as err:
+        flowkit.validate(recipe, "recipe")
+    text = str(err.value)
+    assert "objective.sde.name" in text and "did you mean cosine?" in text
+    assert all(name in text for name in PATHS.names())
 
 
 @pytest.mark.parametrize("path", PATH_CASES)
@@ -206,7 +238,7 @@ def test_velocity_from_exact_score_matches_posterior_mean(path: GaussianPath):
 
 def test_priors():
     assert VE(sigma_max=50.0).prior((2,)).std == 50.0
-    for path in (VP(), SDES.build("subvp"), CondOT(), Cosine(), Polynomial()):
+    for path in (VP(), PATHS.build("subvp"), CondOT(), Cosine(), Polynomial()):
         prior = path.prior([3, 4])
         assert prior.std == 1.0 and prior.shape == (3, 4)
 

@@ -82,7 +82,7 @@ def _settable(obj, injected=()):
 
 COMPONENT_REGISTRIES = {
     "dynamics": flowkit.DYNAMICS, "objective": flowkit.OBJECTIVES, "sampler": flowkit.SAMPLERS,
-    "data": flowkit.DATASETS, "objective.sde": flowkit.SDES, "objective.path": flowkit.PATHS,
+    "data": flowkit.DATASETS, "objective.sde": flowkit.PATHS, "objective.path": flowkit.PATHS,
     "objective.coupling": flowkit.COUPLINGS,
 }
 

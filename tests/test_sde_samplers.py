@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from flowkit.components import SAMPLERS, SDES
+from flowkit.components import PATHS, SAMPLERS
 from flowkit.diffusion import flow_from_score
 from flowkit.flow import Flow
 from flowkit.gmm import GaussianMixture, mixture_score_field
@@ -42,7 +42,7 @@ def gmm() -> GaussianMixture:
 
 @pytest.fixture(scope="module")
 def flow(gmm) -> Flow:
-    path = SDES.build("vp")
+    path = PATHS.build("vp")
     return flow_from_score(mixture_score_field(gmm, path), path, (2,))
 
 

@@ -97,8 +97,9 @@ Sampling and likelihood
 -----------------------
 :meth:`DiffFlow.flow` gives the probability-flow ODE ``v = f_θ − ½ g² s_θ`` (λ = 0 of
 eq. 16) for ODE samplers and ``flowkit nll``, and ``score``, ``drift``, ``diffusion`` for
-:func:`~flowkit.samplers.sde.euler_maruyama` (``noise_scale`` λ of eq. 16, ``grid_power``
-β to sample on the training grid). There is no Tweedie denoiser: ``E[x_0 | x_t] = (x_t +
+:func:`~flowkit.samplers.sde.euler_maruyama` (``noise_scale`` λ of eq. 16). The flow declares
+its training grid as ``time_grid`` (the ``L_β`` grid with the schedule's last ``N``), which
+``euler_maruyama`` samples on unless ``steps`` or ``grid_power`` are given. There is no Tweedie denoiser: ``E[x_0 | x_t] = (x_t +
 σ_t² s)/α_t`` needs a Gaussian transition kernel, which a learned nonlinear drift does not
 have. ``flow.denoise`` is therefore ``None`` and a sampler's ``denoise: true`` takes the
 last reverse step without noise — the mean of the learned backward kernel ``p_B(x_0 |
@@ -133,7 +134,7 @@ from torch import Tensor
 
 from ..components import OBJECTIVES
 from ..constraints import DropProbability, NonEmpty, PositiveFloat, PositiveInt, Rule
-from ..flow import Flow, StandardNormal
+from ..flow import Flow, StandardNormal, TimeGrid
 from .base import DynamicsFactory, LossOutput, Objective, drop_condition
 
 __all__ = ["DiffFlow", "Trajectory", "power_grid", "randomised_grid"]
@@ -456,7 +457,8 @@ class DiffFlow(Objective):
     # ------------------------------------------------------------------ the flow
     def flow(self) -> Flow:
         """PF-ODE velocity ``f − ½ g² s`` on ``[0, T]`` with the prior; score, drift and
-        diffusion for reverse-SDE samplers; no Tweedie denoiser (see the module docstring)."""
+        diffusion for reverse-SDE samplers; no Tweedie denoiser (see the module docstring);
+        ``time_grid`` = the fixed ``L_β`` grid with the schedule's last ``N``."""
         drift, score, diffusion = self.drift, self.score, self.diffusion
 
         def velocity(t: Tensor, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
@@ -470,4 +472,4 @@ class DiffFlow(Objective):
                     score=lambda t, x, cond=None: score(t, x, cond),
                     drift=lambda t, x, cond=None: drift(t, x, cond),
                     diffusion=diffusion_fn, denoise=None,
-                    extras={"grid_power": self.beta, "steps": self.schedule[-1]})
+                    time_grid=TimeGrid(steps=self.schedule[-1], power=self.beta))

@@ -196,8 +196,7 @@ class CFM(Objective):
             return path.drift(t, x)
 
         return Flow(velocity=net, prior=path.prior(self.shape), t0=float(path.t0), t1=float(path.t1),
-                    score=score, drift=drift, diffusion=path.diffusion, denoise=denoise,
-                    extras={"path": path})
+                    score=score, drift=drift, diffusion=path.diffusion, denoise=denoise)
 
 
 @OBJECTIVES.register("sbcfm")

@@ -94,7 +94,7 @@ from typing import Annotated, ClassVar, Literal, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..components import OBJECTIVES, SDES
+from ..components import OBJECTIVES, PATHS
 from ..constraints import AtLeast, DropProbability, Rule
 from ..diffusion import flow_from_score
 from ..flow import Field, Flow
@@ -195,7 +195,8 @@ class ScoreMatching(Objective):
             decreasing (importance sampling only).
     """
 
-    nested: ClassVar[Mapping[str, Registry]] = {"sde": SDES}
+    # any Gaussian path is a forward SDE (flowkit.paths), so ``sde`` names a path
+    nested: ClassVar[Mapping[str, Registry]] = {"sde": PATHS}
     # flow_from_score: PF-ODE velocity, score, forward SDE and Tweedie's denoiser
     provides: ClassVar[frozenset[str]] = frozenset({"velocity", "score", "drift", "diffusion", "denoise"})
     argument_rules: ClassVar[tuple[Rule, ...]] = (

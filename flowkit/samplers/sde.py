@@ -24,7 +24,9 @@ ODE (Euler steps), values in between trade stochasticity for smoothness. Every m
 has the forward SDE's marginals ``p_t`` when the score is exact (the Fokker–Planck equation
 gains ``λ²/2 g² Δp`` from the noise and loses the same from the extra drift). Its option
 ``grid_power`` (β) spaces the times as ``t0 + (t1 − t0)(k/steps)^β`` — uniform for β = 1,
-DiffFlow's ``L_β`` grid (Zhang & Chen 2021, Sec. 3.3) for a model trained on it.
+DiffFlow's ``L_β`` grid (Zhang & Chen 2021, Sec. 3.3) for a model trained on it. Left unset,
+``steps`` and ``grid_power`` come from the flow's declared :class:`~flowkit.flow.TimeGrid`
+(DiffFlow declares the grid it was trained on), else 500 uniform steps.
 
 ``denoise=True`` ends with Tweedie's ``E[x_data | x_{t0}]`` via ``flow.denoise``; a flow
 without a denoiser instead takes the last step without noise (its mean update), as Song
@@ -42,7 +44,7 @@ from torch import Tensor
 
 from ..components import SAMPLERS
 from ..constraints import FiniteFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Rule, Seed
-from ..flow import Flow, guided
+from ..flow import Flow, TimeGrid, guided
 from .base import SampleResult, declare
 
 __all__ = ["euler_maruyama", "predictor_corrector"]
@@ -52,7 +54,11 @@ _BACKENDS = ("loop", "torchsde")
 #: what both samplers use from a flow (``denoise`` too when the flow has one)
 SDE_NEEDS = ("score", "drift", "diffusion")
 
-_torchsde_uniform = Rule(("grid_power", "backend"), lambda a: a["backend"] != "torchsde" or a["grid_power"] == 1.0,
+#: ``steps`` of ``euler_maruyama`` for a flow that declares no :class:`~flowkit.flow.TimeGrid`
+DEFAULT_STEPS = 500
+
+_torchsde_uniform = Rule(("grid_power", "backend"),
+                         lambda a: a["backend"] != "torchsde" or a["grid_power"] in (None, 1.0),
                          "backend 'torchsde' takes uniform steps (grid_power 1); use backend 'loop' with "
                          "grid_power {grid_power!r}")
 
@@ -109,12 +115,13 @@ def _generator(seed: Optional[int], x: Tensor) -> Optional[torch.Generator]:
     return None if seed is None else torch.Generator(device=x.device).manual_seed(int(seed))
 
 
-def _times(t1: float, t0: float, steps: int, power: float, like: Tensor) -> Tensor:
-    """``steps + 1`` times from ``t1`` down to ``t0``: ``t0 + (t1 − t0)(k/steps)^power``."""
-    if power == 1.0:
-        return torch.linspace(t1, t0, steps + 1, dtype=like.dtype, device=like.device)
-    k = torch.arange(steps, -1, -1, dtype=torch.float64) / steps
-    return (t0 + (t1 - t0) * k**power).to(dtype=like.dtype, device=like.device)
+def _grid(flow: Flow, steps: Optional[int], power: Optional[float]) -> TimeGrid:
+    """The sampling grid: ``steps`` and ``power`` where given, else the flow's declared
+    :attr:`~flowkit.flow.Flow.time_grid`, else :data:`DEFAULT_STEPS` uniform steps."""
+    _check(1 if steps is None else steps, **({} if power is None else {"grid_power": power}))
+    declared = flow.time_grid or TimeGrid(DEFAULT_STEPS)
+    return TimeGrid(int(declared.steps if steps is None else steps),
+                    float(declared.power if power is None else power))
 
 
 def _check(steps: int, **positive: float) -> None:
@@ -127,11 +134,11 @@ def _check(steps: int, **positive: float) -> None:
 
 @SAMPLERS.register("euler_maruyama")
 @declare(needs=SDE_NEEDS, argument_rules=(_torchsde_uniform,))
-def euler_maruyama(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: PositiveInt = 500,
+def euler_maruyama(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: Optional[PositiveInt] = None,
                    denoise: bool = True, guidance: FiniteFloat = 0.0, seed: Optional[Seed] = None,
                    backend: Literal["loop", "torchsde"] = "loop", noise_scale: NonNegativeFloat = 1.0,
-                   grid_power: PositiveFloat = 1.0) -> SampleResult:
-    r"""Euler–Maruyama on the reverse-time SDE (Song et al. 2021, eq. 6), ``steps`` uniform steps.
+                   grid_power: Optional[PositiveFloat] = None) -> SampleResult:
+    r"""Euler–Maruyama on the reverse-time SDE (Song et al. 2021, eq. 6), ``steps`` steps.
 
     ``x_{i+1} = x_i + [f(t_i, x_i) − g(t_i)² s(t_i, x_i)] h + g(t_i) sqrt(−h) z_i`` with
     ``h = (t0 − t1)/steps``, from ``x`` at ``t1`` to ``t0``. With ``noise_scale`` λ the step
@@ -151,7 +158,8 @@ def euler_maruyama(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, step
         flow: a flow with ``score``, ``drift`` and ``diffusion``.
         x: samples of the prior at ``flow.t1``, ``[B, *event]``.
         cond: optional condition.
-        steps: number of steps (= score evaluations).
+        steps: number of steps (= score evaluations); ``None``: the flow's
+            ``time_grid.steps``, or 500 for a flow without one.
         denoise: finish with ``flow.denoise`` (Tweedie), or without a denoiser take the
             last step noise-free.
         guidance: classifier-free guidance scale w on the score.
@@ -159,7 +167,8 @@ def euler_maruyama(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, step
         backend: ``"loop"`` or ``"torchsde"``.
         noise_scale: λ ≥ 0 of eq. 16: 1 is the reverse SDE, 0 the probability-flow ODE.
         grid_power: β > 0; times ``t0 + (t1 − t0)(k/steps)^β`` (1: uniform; DiffFlow's
-            ``L_β`` grid otherwise). The ``torchsde`` backend needs uniform steps.
+            ``L_β`` grid otherwise); ``None``: the flow's ``time_grid.power``, or 1 for a
+            flow without one. The ``torchsde`` backend needs uniform steps.
 
     Returns:
         :class:`~flowkit.samplers.base.SampleResult` with ``nfe`` score evaluations.
@@ -173,17 +182,18 @@ def euler_maruyama(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, step
         >>> euler_maruyama(flow, torch.randn(4, 2), steps=10, noise_scale=0.5).x.shape
         torch.Size([4, 2])
     """
-    _check(steps, grid_power=grid_power)
+    grid = _grid(flow, steps, grid_power)
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(_BACKENDS)}")
     if not noise_scale >= 0:
         raise ValueError(f"noise_scale (λ) must be >= 0, got {noise_scale!r}")
-    if backend == "torchsde" and grid_power != 1.0:
-        raise ValueError("backend='torchsde' takes uniform steps; use backend='loop' with grid_power "
-                         f"{grid_power!r}")
+    if backend == "torchsde" and grid.power != 1.0:
+        source = "" if grid_power is not None else " (the flow's declared time_grid)"
+        raise ValueError(f"backend='torchsde' takes uniform steps; use backend='loop' with grid_power "
+                         f"{grid.power!r}{source}, or set grid_power: 1.0")
     rev = _Reverse(flow, cond, guidance, by="euler_maruyama", noise_scale=noise_scale)
-    steps = int(steps)
-    times = _times(flow.t1, flow.t0, steps, float(grid_power), x)
+    steps = grid.steps
+    times = grid.times(flow.t0, flow.t1, x)
     tweedie = denoise and rev.denoise_fn is not None
     quiet_last = denoise and not tweedie  # the fallback: last step without noise
     gen = _generator(seed, x)
