@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flowkit  # noqa: E402
-from flowkit.divergence import divergence, sample_probe  # noqa: E402
+from flowkit.trace import divergence, sample_probe  # noqa: E402
 from flowkit.dynamics.conv import ConcatConvNet, multiscale_views  # noqa: E402
 from flowkit.likelihood import log_likelihood  # noqa: E402
 from flowkit.flow import StandardNormal  # noqa: E402

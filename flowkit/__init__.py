@@ -13,7 +13,7 @@ Example:
 from .components import COUPLINGS, DATASETS, DYNAMICS, OBJECTIVES, PATHS, SAMPLERS
 from .registry import Registry, RegistryError, all_registries
 from .flow import FieldError, Flow, NonFiniteFieldError, StandardNormal, guided
-from .divergence import divergence, sample_probe
+from .trace import divergence, sample_probe
 from .likelihood import bits_per_dim, flow_log_likelihood, log_likelihood
 from . import data, data_real, paths  # noqa: F401  (register datasets and Gaussian paths)
 from . import couplings  # noqa: F401  (register couplings)
@@ -22,7 +22,7 @@ from .gmm import GaussianMixture
 from . import dynamics, objectives, samplers  # noqa: F401  (register components)
 from .solvers import SolverSpec, odeint
 from .recipe import RecipeError, apply_overrides, build, load_recipe, validate
-from .train import TrainingDiverged, train
+from .trainer import TrainingDiverged, train
 from .run import load_run
 from .evaluate import Evaluation, evaluate_model, evaluate_nll, generate, sample_metrics
 

@@ -313,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from flowkit.solvers import SolverError
     from flowkit.recipe import RecipeError
     from flowkit.registry import RegistryError
-    from flowkit.train import LaunchError, TrainingDiverged
+    from flowkit.trainer import LaunchError, TrainingDiverged
 
     kept = "; the last checkpoint is intact (use --resume)" if args.command == "train" else ""
     previous = _install_sigterm()

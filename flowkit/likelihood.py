@@ -28,7 +28,7 @@ Every likelihood entry point (:func:`log_likelihood`, :func:`flow_log_likelihood
   A field called under ``torch.no_grad()`` or ``torch.inference_mode()``, or whose output (or
   part of it, e.g. the score inside a probability-flow velocity) is ``.detach()``-ed, would
   otherwise get a divergence of 0 for that part. Such a field is differentiated by central
-  finite differences instead (see :mod:`flowkit.divergence`), with a warning.
+  finite differences instead (see :mod:`flowkit.trace`), with a warning.
 
 During the solve each evaluation of the augmented field is checked for NaN/inf (one
 ``isfinite`` reduction). A non-finite value where the solver can still reject the step that
@@ -53,7 +53,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .divergence import DIFFERENTIATIONS, ESTIMATORS, NO_GRAPH, NOISES, divergence, finite_difference_step, sample_probe
+from .trace import DIFFERENTIATIONS, ESTIMATORS, NO_GRAPH, NOISES, divergence, finite_difference_step, sample_probe
 from .flow import FieldError, Flow, NonFiniteFieldError, Prior
 from .solvers import SolverSpec, as_solver, odeint
 
@@ -76,7 +76,7 @@ class AugmentedDynamics(nn.Module):
         regularise: integrate the kinetic energy and Jacobian Frobenius norm too.
         create_graph: keep the graph of the divergence (training).
         differentiate, fd_step: ``"autograd"`` or ``"finite_difference"`` and the latter's relative
-            step (see :func:`~flowkit.divergence.divergence`).
+            step (see :func:`~flowkit.trace.divergence`).
         check_finite: watch for NaN and inf (evaluation; off in training, where a non-finite
             loss is the trainer's "diverged"). A non-finite evaluation inside ``interval`` is
             left to the solver, as ±inf, so that an adaptive solver can reject the trial step

@@ -471,7 +471,7 @@ def build(recipe: Mapping, source: str = "<recipe>") -> Built:
     """Validate then construct the dataset, objective (holding its dynamics) and sampler.
 
     An objective that declares ``needs_teacher`` (``rectified_flow``) is built without its
-    teacher: :func:`flowkit.train.train` hands it one (:func:`flowkit.teacher.attach_teacher`),
+    teacher: :func:`flowkit.trainer.train` hands it one (:func:`flowkit.teacher.attach_teacher`),
     which loads — or trains — itself at the first batch.
     """
     recipe = copy.deepcopy(dict(recipe))

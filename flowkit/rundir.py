@@ -4,7 +4,7 @@
   ``DIR/.flowkit.lock`` (which records the holder's pid, host and start time). A second
   process fails at once, naming the holder. The kernel drops the lock when its holder
   dies, even by ``kill -9``, so a crashed run never blocks ``--resume``. Under a
-  multi-process launch only the main process takes it (see :func:`flowkit.train.train`).
+  multi-process launch only the main process takes it (see :func:`flowkit.trainer.train`).
 * **No silent reuse.** Training into a directory that already holds a run
   (:func:`run_contents`) needs ``--resume`` (continue it) or ``--overwrite``
   (:func:`clear_run` removes flowkit's files of the old run, under the lock).

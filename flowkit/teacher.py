@@ -12,7 +12,7 @@ application, builds the map:
 - from the objective's ``teacher:`` setting (:class:`LazyTeacher`), on the first batch:
   a **run directory** is loaded with :func:`flowkit.run.load_run` (EMA weights when kept);
   a **recipe** ``.yaml`` is first trained *in this process* by the training function the
-  application hands in (:func:`flowkit.train.train` passes itself; ``train.steps`` from ``teacher_steps`` when given; no checkpoints, samples or evaluation
+  application hands in (:func:`flowkit.trainer.train` passes itself; ``train.steps`` from ``teacher_steps`` when given; no checkpoints, samples or evaluation
   on the way) into a temporary run directory, then loaded, with a warning, so one command
   reproduces the whole pipeline. The random, thread and accelerate state of the caller is
   restored afterwards, so a student run draws the same numbers whether its teacher was
@@ -20,7 +20,7 @@ application, builds the map:
   first and pass the run directory.
 
 Loading waits for the first batch, so building a student (``flowkit check``,
-``flowkit sample``) never touches its teacher. :func:`flowkit.train.train` attaches a
+``flowkit sample``) never touches its teacher. :func:`flowkit.trainer.train` attaches a
 :class:`LazyTeacher` to every objective that declares ``needs_teacher``
 (:func:`attach_teacher`); code that builds a student itself calls :func:`attach_teacher`.
 
@@ -64,7 +64,7 @@ from .run import load_run
 from .samplers.ode_samplers import integrate_flow
 from .rundir import LaunchError
 
-#: ``train(recipe, run_dir, *, source, progress, log)``: :func:`flowkit.train.train`
+#: ``train(recipe, run_dir, *, source, progress, log)``: :func:`flowkit.trainer.train`
 TrainFunction = Callable[..., Any]
 
 __all__ = ["attach_teacher", "flow_transport", "load_teacher", "LazyTeacher"]
@@ -105,7 +105,7 @@ def attach_teacher(objective: Any, flow: Optional[Flow] = None, *, conditional: 
         flow: a built teacher flow; ``None`` loads (or trains) the one the objective names,
             at the first batch (:class:`LazyTeacher`).
         conditional: with ``flow``: whether it takes the batch's condition.
-        train: the function that trains a teacher recipe (:func:`flowkit.train.train`, which
+        train: the function that trains a teacher recipe (:func:`flowkit.trainer.train`, which
             passes itself); needed only when the objective names a recipe.
     """
     spec: TeacherSpec = objective.teacher_spec
@@ -158,7 +158,7 @@ def load_teacher(source: str | Path, *, train_steps: Optional[int] = None,
         source: a run directory (``flowkit train ... --out RUN``), or a recipe ``.yaml``
             (relative paths from the working directory).
         train_steps: ``train.steps`` for a recipe (default: the recipe's own).
-        train: the function that trains a recipe (:func:`flowkit.train.train`); the
+        train: the function that trains a recipe (:func:`flowkit.trainer.train`); the
             application hands it in, so this module does not import the trainer.
 
     Returns:
@@ -167,7 +167,7 @@ def load_teacher(source: str | Path, *, train_steps: Optional[int] = None,
     Raises:
         flowkit.checkpoint.RunDirectoryError: no such run directory or recipe file (or a
             run without an intact checkpoint).
-        flowkit.train.LaunchError: a recipe teacher asked of a multi-process run, or of a
+        flowkit.trainer.LaunchError: a recipe teacher asked of a multi-process run, or of a
             run whose accelerate settings (``mixed_precision``, ``cpu``) differ.
         flowkit.recipe.RecipeError: the teacher recipe is invalid.
     """
@@ -192,7 +192,7 @@ def load_teacher(source: str | Path, *, train_steps: Optional[int] = None,
 
 
 def _train_in_process(recipe_path: Path, out: Path, train_steps: Optional[int], train: TrainFunction) -> None:
-    """Train the teacher recipe into ``out`` with :func:`flowkit.train.train`, state restored."""
+    """Train the teacher recipe into ``out`` with :func:`flowkit.trainer.train`, state restored."""
     overrides = ["train.checkpoint_every=0", "train.sample_every=0", "train.eval_every=0",
                  f"train.threads={torch.get_num_threads()}"]
     if train_steps is not None:

@@ -199,7 +199,7 @@ def test_full_disk_during_checkpoint_write_is_a_clear_error(run, monkeypatch, ca
 def test_full_disk_during_metrics_write_is_a_clear_error(run, monkeypatch, capsys):
     import sys
 
-    train_module = sys.modules["flowkit.train"]  # the module (flowkit.train is also the function)
+    train_module = sys.modules["flowkit.trainer"]
 
     def refuse(path, *args, **kwargs):
         if str(path).endswith("metrics.jsonl"):

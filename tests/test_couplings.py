@@ -101,7 +101,7 @@ def test_couplings_import_neither_the_application_nor_the_samplers():
     # solvers, a teacher map), and never load runs, train, start processes or integrate ODEs.
     imported = _imports(ROOT / "flowkit" / "couplings.py")
     upward = {m for m in imported if m in ("subprocess", "tempfile") or m.startswith(
-        ("flowkit.run", "flowkit.train", "flowkit.samplers", "flowkit.recipe", "flowkit.teacher"))}
+        ("flowkit.run", "flowkit.trainer", "flowkit.samplers", "flowkit.recipe", "flowkit.teacher"))}
     assert not upward, upward
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flowkit.divergence import divergence, sample_probe
+from flowkit.trace import divergence, sample_probe
 from flowkit.dynamics import ConcatSquashMLP
 
 

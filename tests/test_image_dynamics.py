@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flowkit
-from flowkit.divergence import divergence, sample_probe
+from flowkit.trace import divergence, sample_probe
 from flowkit.dynamics.conv import (ConcatConv2d, ConcatConvNet, ScaleField, default_n_scales, extend,
                                    multiscale_fields, multiscale_views, restrict, split_channels,
                                    squeeze, unsqueeze)

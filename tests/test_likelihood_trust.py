@@ -29,7 +29,7 @@ import torch
 from flowkit.components import PATHS
 from flowkit.config import EvalConfig
 from flowkit.diffusion import flow_from_score, score_log_likelihood
-from flowkit.divergence import divergence, sample_probe
+from flowkit.trace import divergence, sample_probe
 from flowkit.dynamics import ConcatSquashMLP
 from flowkit.evaluate import evaluate_nll
 from flowkit.flow import FieldError, Flow, NonFiniteFieldError, StandardNormal

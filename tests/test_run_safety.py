@@ -277,7 +277,7 @@ def test_train_states_its_processes_and_ctrl_c_is_130(tmp_path, monkeypatch, cap
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sys.modules["flowkit.train"].Trainer, "fit", interrupted)
+    monkeypatch.setattr(sys.modules["flowkit.trainer"].Trainer, "fit", interrupted)
     assert _train(tmp_path / "b", "train.steps=1") == 130
     assert _one_line(capsys.readouterr().err) == \
         "flowkit train: interrupted; the last checkpoint is intact (use --resume)"
@@ -288,7 +288,7 @@ def test_train_states_its_processes_and_ctrl_c_is_130(tmp_path, monkeypatch, cap
 def test_launcher_processes_left_single_by_accelerate_are_refused(monkeypatch, env):
     from types import SimpleNamespace
 
-    from flowkit.train import LaunchError, check_launch
+    from flowkit.trainer import LaunchError, check_launch
 
     for key in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)

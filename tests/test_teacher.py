@@ -18,7 +18,7 @@ from flowkit.couplings import Teacher
 from flowkit.dynamics.mlp import MLP
 from flowkit.objectives.flow_matching import RectifiedFlow, TeacherSpec
 from flowkit.teacher import LazyTeacher, attach_teacher, load_teacher
-from flowkit.train import LaunchError
+from flowkit.trainer import LaunchError
 
 QUIET = ["train.log_every=1", "train.checkpoint_every=0", "train.sample_every=0", "train.eval_every=0",
          "train.threads=1"]

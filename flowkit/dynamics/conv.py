@@ -277,7 +277,7 @@ class ConcatConvNet(nn.Module):
 
     def split(self, t: Tensor, x: Tensor, cond: Optional[Tensor] = None):
         """``f = g(h(x))`` with ``h`` the first layer's activations ``[B, hidden[0], H, W]``
-        (for the bottleneck trace estimator, :func:`flowkit.divergence.divergence`)."""
+        (for the bottleneck trace estimator, :func:`flowkit.trace.divergence`)."""
         flat = x.dim() == 2
         x_img = self._prepare(x)
         biases = self._cond_biases(cond, x_img)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..components import OBJECTIVES
 from ..constraints import DropProbability, NonNegativeFloat, PositiveFloat, PositiveInt, Rule
-from ..divergence import sample_probe
+from ..trace import sample_probe
 from ..flow import Flow, StandardNormal
 from ..likelihood import AugmentedDynamics, _probe_template
 from ..solvers import CountingField, ODEMethod, SolverSpec, StepCount, Tolerance, fixed_step_needs_steps, odeint
