@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import inspect
 import json
 import os
 import socket
@@ -260,50 +259,28 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
 _UNSET = object()
 
 
-def _flatten_component(path: str, spec: Any, registry: Any, injected: tuple[str, ...],
-                       flat: dict[str, Any]) -> None:
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, Mapping):
-        flat[path] = spec
-        return
-    try:
-        obj = registry.get(spec.get("name"))
-    except Exception:  # an unknown name: compare what is written
-        obj = None
-    values: dict[str, Any] = {}
-    nested: Mapping[str, Any] = getattr(obj, "nested", {}) if obj is not None else {}
-    if obj is not None:
-        for key, p in inspect.signature(obj).parameters.items():
-            if key not in injected and p.default is not p.empty \
-                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                values[key] = p.default
-    values.update(spec)
-    for key, value in values.items():
-        if key in nested and isinstance(value, (str, Mapping)):
-            _flatten_component(f"{path}.{key}", value, nested[key], (), flat)
-        elif isinstance(value, Mapping):
-            for sub, v in value.items():
-                flat[f"{path}.{key}.{sub}"] = v
-        else:
-            flat[f"{path}.{key}"] = value
+def _flatten(prefix: str, value: Any, flat: dict[str, Any]) -> None:
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}", sub, flat)
+    else:
+        flat[prefix] = value
 
 
 def _resolved(recipe: Mapping) -> dict[str, Any]:
-    """``recipe`` as dotted keys, each component's and section's defaults filled in."""
-    from .recipe import COMPONENT_SECTIONS, INJECTED, SETTINGS_SECTIONS
+    """``recipe`` as dotted keys, with every default written out as a run saves it
+    (:func:`flowkit.recipe.resolve_defaults`), so a default and the same value written out
+    (a tuple default and its YAML list) are no difference."""
+    from .recipe import resolve_defaults
+    from .registry import RegistryError
 
+    try:
+        recipe = resolve_defaults(recipe)
+    except (RegistryError, TypeError, ValueError):  # e.g. a component an older flowkit had: compare what is written
+        pass
     flat: dict[str, Any] = {}
-    for section, registry in COMPONENT_SECTIONS.items():
-        if recipe.get(section) is not None:
-            _flatten_component(section, recipe[section], registry, INJECTED.get(section, ()), flat)
-    for section, cls in SETTINGS_SECTIONS.items():
-        values = {f.name: f.default if f.default is not dataclasses.MISSING
-                  else f.default_factory()  # type: ignore[misc]
-                  for f in dataclasses.fields(cls)}
-        values.update(recipe.get(section) or {})
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value
+    for section, value in recipe.items():
+        _flatten(section, value, flat)
     return flat
 
 

@@ -105,3 +105,16 @@ def test_compare_refuses_two_runs_of_one_name_before_training(tmp_path, capsys):
     assert code == 2
     assert "two runs would be named x" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_resume_of_a_recipe_that_relies_on_a_tuple_default(tmp_path, capsys):
+    # the run saves its recipe with defaults written out (mlp's hidden=(64, 64, 64) as a YAML
+    # list); resuming with the same file, which leaves hidden out, is no change of architecture
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# flowkit train r.yaml\ndata: {name: 8gaussians}\ndynamics: {name: mlp}\n"
+                      "objective: {name: cfm}\nsampler: {name: euler, steps: 2}\n")
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), *TINY, "train.steps=2", "--out", str(out)]) == 0
+    assert main(["train", str(recipe), *TINY, "train.steps=3", "--out", str(out), "--resume"]) == 0
+    assert "changed: train.steps (2 → 3)" in capsys.readouterr().out
+    assert load_checkpoint(out)["step"] == 3
