@@ -76,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flowkit  # noqa: E402
+from benchinfo import cpu_name  # noqa: E402  (bench/benchinfo.py, beside this script)
 from flowkit.allocator import tune_cpu_allocator  # noqa: E402
 from flowkit.profiling import SavedTensorBytes  # noqa: E402
 from flowkit.config import EvalConfig  # noqa: E402
@@ -103,15 +104,7 @@ DATASETS = ("olympic_rings", "sierpinski")
 
 
 def machine(threads: int) -> dict[str, Any]:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "load_average": list(os.getloadavg())}
 
 

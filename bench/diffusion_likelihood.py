@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flowkit  # noqa: E402
+from benchinfo import cpu_name  # noqa: E402  (bench/benchinfo.py, beside this script)
 from flowkit.gmm import GaussianMixture, mixture_score_field  # noqa: E402
 from flowkit.paths import VP  # noqa: E402
 
@@ -218,15 +219,7 @@ def divergence_micro(dim: int, n: int, args) -> dict:
 
 
 def machine(args) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": args.device,
             "dtype": args.dtype, "rtol": args.rtol, "atol": args.atol, "repeats": args.repeats,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}

@@ -35,10 +35,8 @@ Results: ``bench/results/flow_matching.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -53,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flowkit  # noqa: E402
+from benchinfo import cpu_name  # noqa: E402  (bench/benchinfo.py, beside this script)
 from flowkit.config import EvalConfig  # noqa: E402
 from flowkit.flow import Flow, StandardNormal  # noqa: E402
 
@@ -229,14 +228,6 @@ def evaluate(flow: Flow, n_samples: int, nll_n: int) -> dict:
 
 
 # ------------------------------------------------------------------------------- main
-def machine() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def interleaved_timings(method: str, steps: int, rounds: int, seed: int, tmp: Path) -> dict:
     """ms/step of each variant, run in turn ``rounds`` times (medians over rounds), so that
     a change in the machine's load hits all of them alike."""
@@ -304,7 +295,7 @@ def main() -> None:
             row["reference"] = REFERENCE[method]
             rows.append(row)
             print(json.dumps(row, indent=1), flush=True)
-    meta = {"machine": machine(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+    meta = {"machine": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
             "steps": args.steps, "seeds": args.seeds, "samples": args.samples, "date": time.strftime("%Y-%m-%d %H:%M"),
             "load_average_start": load_start, "load_average_end": os.getloadavg()}
     (out / "flow_matching.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

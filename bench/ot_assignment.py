@@ -28,10 +28,8 @@ Results: ``bench/results/ot_assignment.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flowkit  # noqa: E402
+from benchinfo import cpu_name  # noqa: E402  (bench/benchinfo.py, beside this script)
 from flowkit.ot import compiled_auction_available, optimal_assignment, squared_distances  # noqa: E402
 
 try:
@@ -54,14 +53,6 @@ except ImportError:  # pragma: no cover - scipy is in the test extra
 
 TOL = 1e-7
 SOLVERS = ("compiled", "ipm", "auction", "scipy")
-
-
-def machine() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def solvers(torch_auction: bool) -> dict[str, Callable[[torch.Tensor, np.ndarray], np.ndarray]]:
@@ -165,7 +156,7 @@ def main() -> None:
         repeats = repeats * len(args.sizes)
     import scipy
 
-    meta = {"machine": machine(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+    meta = {"machine": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
             "scipy": scipy.__version__, "compiled": compiled_auction_available(), "tol": TOL, "seed": args.seed,
             "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_start": list(os.getloadavg())}
     rows = []
