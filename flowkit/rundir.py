@@ -33,13 +33,25 @@ from .config import TrainConfig
 __all__ = ["RunLock", "RunDirectoryBusy", "RunExists", "ResumeMismatch", "LOCK_NAME", "run_contents",
            "check_run_dir_path", "refuse_existing_run", "clear_run", "remove_temp_files", "truncate_metrics",
            "set_aside_checkpoints_after", "resume_differences", "resolve_recipe", "prepare_run_dir",
-           "FIXED_ON_RESUME", "LaunchError"]
+           "FIXED_ON_RESUME", "LaunchError", "launcher_processes"]
 
 LOCK_NAME = ".flowkit.lock"
 # What cannot change on --resume: anything that shapes the saved weights or optimiser state,
 # or the data they were fitted to, and the seed (random streams are restored from the checkpoint).
 # The objective's solver settings (objective.rtol, .method, ...) are the exception: they may change.
 FIXED_ON_RESUME = ("data", "dynamics", "objective", "train.optimizer", "train.seed")
+
+
+def launcher_processes() -> Optional[str]:
+    """The environment setting by which a launcher says this is one of several processes."""
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "LOCAL_RANK"):
+        try:
+            value = int(os.environ[key])
+        except (KeyError, ValueError):
+            continue
+        if value > (0 if key == "LOCAL_RANK" else 1):
+            return f"{key}={value}"
+    return None
 
 
 class LaunchError(RuntimeError):

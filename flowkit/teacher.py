@@ -62,7 +62,7 @@ from .objectives.flow_matching import TeacherSpec
 from .recipe import Built, load_recipe
 from .run import load_run
 from .samplers.ode_samplers import integrate_flow
-from .rundir import LaunchError
+from .rundir import LaunchError, launcher_processes
 
 #: ``train(recipe, run_dir, *, source, progress, log)``: :func:`flowkit.trainer.train`
 TrainFunction = Callable[..., Any]
@@ -209,7 +209,7 @@ def _train_in_process(recipe_path: Path, out: Path, train_steps: Optional[int], 
 def _check_can_train_here(path: Path, recipe: dict) -> None:
     """A recipe teacher trains in this process: refuse what that cannot do, with the fix."""
     fix = f"train it first (`flowkit train {path} --out RUN`) and pass objective.teacher=RUN"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+    if launcher_processes() is not None or (
             torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise LaunchError(f"objective.teacher={path}: a multi-process run cannot train its teacher recipe "
                     f"in-process; {fix}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,7 +41,8 @@ from .checkpoint import (CheckpointError, RunDirectoryError, RunWriteError, last
                          non_finite_tensors, save_checkpoint, save_recipe)
 from .recipe import Built, build, resolve_defaults
 from .teacher import attach_teacher
-from .rundir import LaunchError, RunLock, check_run_dir_path, prepare_run_dir, refuse_existing_run, resolve_recipe
+from .rundir import (LaunchError, RunLock, check_run_dir_path, launcher_processes, prepare_run_dir,
+                     refuse_existing_run, resolve_recipe)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -79,18 +79,6 @@ def _solver_failure(exc: BaseException) -> Optional[str]:
     return None
 
 
-def _launcher_processes() -> Optional[str]:
-    """The environment setting by which a launcher says this is one of several processes."""
-    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "LOCAL_RANK"):
-        try:
-            value = int(os.environ[key])
-        except (KeyError, ValueError):
-            continue
-        if value > (0 if key == "LOCAL_RANK" else 1):
-            return f"{key}={value}"
-    return None
-
-
 def _cpu_job() -> bool:
     """Several launched processes and no GPU: they form one CPU job (gloo).
 
@@ -99,7 +87,7 @@ def _cpu_job() -> bool:
     them only when asked for the CPU, so flowkit asks for it rather than let each process
     train alone.
     """
-    return _launcher_processes() is not None and not torch.cuda.is_available()
+    return launcher_processes() is not None and not torch.cuda.is_available()
 
 
 def check_launch(accelerator: "Accelerator") -> None:
@@ -112,7 +100,7 @@ def check_launch(accelerator: "Accelerator") -> None:
     Raises:
         LaunchError: the launcher started several processes but this one runs alone.
     """
-    evidence = _launcher_processes()
+    evidence = launcher_processes()
     if accelerator.num_processes == 1 and evidence is not None:
         raise LaunchError(
             f"the launcher started several processes ({evidence}) but accelerate set up a single one "
@@ -328,15 +316,13 @@ class Trainer:
         """The error to raise, naming the newest checkpoint verified to load with finite weights."""
         if "parameter" not in reason and not self._params_finite():
             reason += " (the parameters are already non-finite)"
-        lr = self.cfg.lr
+        advice = (f"a lower train.lr (now {self.cfg.lr:g}), a train.grad_clip, or a tighter solver "
+                  "(objective.rtol / objective.atol / objective.steps)")
         good = last_good_checkpoint(self.run_dir)  # loaded and checked: only ever on failure
         if good is not None:
-            kept = (f"the last good checkpoint is {good} (verified finite); continue from it with --resume and a "
-                    f"lower train.lr (now {lr:g}), a train.grad_clip, or a tighter solver "
-                    "(objective.rtol / objective.atol / objective.steps)")
+            kept = f"the last good checkpoint is {good} (verified finite); continue from it with --resume and {advice}"
         else:
-            kept = (f"no good checkpoint had been written; start again with a lower train.lr (now {lr:g}), "
-                    "a train.grad_clip, or a tighter solver (objective.rtol / objective.atol / objective.steps)")
+            kept = f"no good checkpoint had been written; start again with {advice}"
         step = self.step + 1 if step is None else step
         return TrainingDiverged(f"training diverged at step {step}: {reason}. Training stopped; {kept}.")
 
