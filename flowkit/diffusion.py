@@ -117,7 +117,7 @@ def flow_from_score(score_fn: Field, path: GaussianPath, shape: tuple[int, ...] 
     return Flow(velocity=probability_flow_field(score_fn, path),
                 prior=path.prior(shape) if prior is None else prior,
                 t0=path.t0, t1=path.t1, score=score, drift=drift, diffusion=path.diffusion,
-                denoise=denoise)
+                denoise=denoise, path=path)
 
 
 def score_log_likelihood(

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Field", "Prior", "StandardNormal", "TimeGrid", "Flow", "guided", "FieldError", "NonFiniteFieldError"]
+__all__ = ["Field", "Schedule", "Prior", "StandardNormal", "TimeGrid", "Flow", "guided", "FieldError", "NonFiniteFieldError"]
 
 
 class FieldError(ValueError):
@@ -48,6 +48,24 @@ class NonFiniteFieldError(FieldError):
 
 class Field(Protocol):
     def __call__(self, t: Tensor, x: Tensor, cond: Optional[Tensor] = None) -> Tensor: ...
+
+
+class Schedule(Protocol):
+    """What a flow's Gaussian path gives the solvers: ``x_t = α_t x_data + σ_t ε`` and the rates.
+
+    :class:`flowkit.paths.GaussianPath` is the implementation (it imports this module, so the
+    protocol stands in for it here)."""
+
+    t0: float
+    t1: float
+
+    def alpha(self, t: Tensor) -> Tensor: ...
+
+    def sigma(self, t: Tensor) -> Tensor: ...
+
+    def d_alpha(self, t: Tensor) -> Tensor: ...
+
+    def d_sigma(self, t: Tensor) -> Tensor: ...
 
 
 class Prior(Protocol):
@@ -137,6 +155,12 @@ class Flow:
         time_grid: the :class:`TimeGrid` the model was trained on (DiffFlow's ``L_β`` grid with
             its last ``N``), or ``None`` for a model trained at continuous times; reverse-SDE
             samplers take their ``steps`` and ``grid_power`` from it unless given.
+        path: the :class:`~flowkit.paths.GaussianPath` ``x_t = α_t x_data + σ_t ε`` whose marginals
+            the flow follows, where it has one (score matching, flow matching, rectified flow); the
+            semi-linear solvers (DDIM, DPM-Solver++, UniPC, EDM) need its ``(α_t, σ_t)``.
+        flow_map: a learned two-time map ``flow_map(x, t, s, cond) -> x_s`` that moves a state at
+            time ``t`` to an earlier time ``s`` in one network evaluation (consistency models,
+            MeanFlow); ``None`` where the model only knows the instantaneous field.
     """
 
     velocity: Field
@@ -149,6 +173,8 @@ class Flow:
     diffusion: Optional[Callable[[Tensor], Tensor]] = None
     denoise: Optional[Field] = None
     time_grid: Optional[TimeGrid] = None
+    path: Optional[Schedule] = None
+    flow_map: Optional[Callable[..., Tensor]] = None
 
     def segments(self) -> list[tuple[Field, float, float]]:
         """``(field, t_start, t_end)`` from data to prior; one per stacked block."""

@@ -344,6 +344,16 @@ def _seeded_loss(objective, x, cond) -> Tensor:
 def _check_part(flow: Flow, part: str, x: Tensor) -> None:
     t = torch.tensor(0.5 * (flow.t0 + flow.t1))
     fn = getattr(flow, part)
+    if part == "path":  # a schedule, not a field: its coefficients at t are finite, σ/α > 0
+        alpha, sigma = fn.alpha(t), fn.sigma(t)
+        assert bool(torch.isfinite(alpha)) and bool(torch.isfinite(sigma)) and float(sigma / alpha) > 0, \
+            f"flow.path at t = {float(t)}: alpha {alpha}, sigma {sigma}"
+        return
+    if part == "flow_map":  # x_t -> x_s for s < t, shaped like x
+        s = torch.tensor(float(flow.t0))
+        out = fn(x, t.expand(x.shape[0]), s.expand(x.shape[0]), None)
+        assert out.shape == x.shape and bool(torch.isfinite(out).all()), f"flow.flow_map shape {tuple(out.shape)}"
+        return
     out = fn(t) if part == "diffusion" else fn(t, x)
     if part == "diffusion":
         assert torch.as_tensor(out).numel() == 1 and float(out) >= 0, f"flow.diffusion(t) = {out}"

@@ -45,6 +45,11 @@ class Objective(nn.Module):
     * ``provides`` — the parts of :data:`~flowkit.samplers.base.FLOW_PARTS` that
       :meth:`flow` fills in (a contract test builds every objective and compares); a
       sampler whose ``needs`` are not among them is refused before training;
+    * ``defines_density`` — whether :meth:`flow`'s ``velocity`` is a field whose
+      instantaneous change of variables gives the model's density (a CNF, a diffusion's
+      probability-flow ODE). ``False`` for models that only learn a map (a consistency
+      model): ``flowkit nll`` then refuses with a clear message instead of printing a number
+      that looks like a likelihood;
     * ``argument_rules`` — declared :class:`~flowkit.constraints.Rule` objects: constructor
       arguments that cannot work together;
     * the constructor's annotations — types and ranges (:mod:`flowkit.constraints`).
@@ -55,6 +60,7 @@ class Objective(nn.Module):
     #: whether the objective learns from a teacher model that the application hands it
     #: (:func:`flowkit.teacher.attach_teacher`; ``rectified_flow``)
     needs_teacher: ClassVar[bool] = False
+    defines_density: ClassVar[bool] = True
     argument_rules: ClassVar[tuple[Rule, ...]] = ()
 
     def __init__(self, shape: tuple[int, ...]) -> None:

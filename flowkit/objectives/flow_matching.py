@@ -130,7 +130,7 @@ class CFM(Objective):
 
     nested: ClassVar[Mapping[str, Registry]] = {"path": PATHS, "coupling": COUPLINGS}
     # the velocity of a Gaussian path gives its score, denoiser and forward SDE (see flow())
-    provides: ClassVar[frozenset[str]] = frozenset({"velocity", "score", "drift", "diffusion", "denoise"})
+    provides: ClassVar[frozenset[str]] = frozenset({"velocity", "score", "drift", "diffusion", "denoise", "path"})
 
     def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...],
                  path: Optional[GaussianPath] = None, coupling: Optional[Coupling] = None,
@@ -196,7 +196,7 @@ class CFM(Objective):
             return path.drift(t, x)
 
         return Flow(velocity=net, prior=path.prior(self.shape), t0=float(path.t0), t1=float(path.t1),
-                    score=score, drift=drift, diffusion=path.diffusion, denoise=denoise)
+                    score=score, drift=drift, diffusion=path.diffusion, denoise=denoise, path=path)
 
 
 @OBJECTIVES.register("sbcfm")

@@ -198,7 +198,7 @@ class ScoreMatching(Objective):
     # any Gaussian path is a forward SDE (flowkit.paths), so ``sde`` names a path
     nested: ClassVar[Mapping[str, Registry]] = {"sde": PATHS}
     # flow_from_score: PF-ODE velocity, score, forward SDE and Tweedie's denoiser
-    provides: ClassVar[frozenset[str]] = frozenset({"velocity", "score", "drift", "diffusion", "denoise"})
+    provides: ClassVar[frozenset[str]] = frozenset({"velocity", "score", "drift", "diffusion", "denoise", "path"})
     argument_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(("importance_sampling", "weighting"),
              lambda a: not a["importance_sampling"] or a["weighting"] == "likelihood",

@@ -15,7 +15,7 @@ __all__ = ["SampleResult", "FLOW_PARTS", "declare"]
 #: the optional parts of a :class:`~flowkit.flow.Flow` a model may define and a sampler may
 #: need (``prior`` is always there): an objective lists those its flow has in ``provides``,
 #: a sampler those it uses in ``needs``; :func:`flowkit.recipe.validate` compares them.
-FLOW_PARTS = ("velocity", "score", "drift", "diffusion", "denoise")
+FLOW_PARTS = ("velocity", "score", "drift", "diffusion", "denoise", "path", "flow_map")
 
 F = TypeVar("F", bound=Callable)
 
