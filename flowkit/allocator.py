@@ -6,7 +6,7 @@ threshold* (128 KiB at start, raised adaptively) with a fresh ``mmap`` and unmap
 threshold* is free there. A training step allocates and frees the same few-hundred-KiB
 activations hundreds of times, so both rules turn every allocation into new pages the
 kernel must zero and map on first touch: on a 2-core EPYC that was a fifth of a DiffFlow
-step (``bench/diffflow_rings.py``).
+step (``bench/diffflow_timing.py``).
 
 :func:`tune_cpu_allocator` raises both thresholds with ``mallopt`` so such blocks are
 reused from the heap. Peak memory is unchanged (the heap holds what the step needs at its

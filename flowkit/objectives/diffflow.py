@@ -89,7 +89,7 @@ being ``δ_i^B / (g_{i+1} √Δ_i)`` from the node before (node ``N`` starts wit
 unrolled trajectory up to rounding, at the cost of one extra forward pass without a
 graph; memory holds one node's graph at a time (and no small tensor of a node outlives
 it, so the allocator reuses its memory and the process's peak RSS stays flat in ``N``,
-see ``bench/diffflow_rings.py``). It is a ``torch.autograd.Function``,
+see ``bench/diffflow_timing.py``). It is a ``torch.autograd.Function``,
 so ``loss.backward()`` (and DDP's hooks) work as for any loss. ``gradient: naive``
 backpropagates through the unrolled loop (the test oracle).
 
