@@ -15,6 +15,12 @@ and every list of names (:data:`FIXED_STEP`, :data:`ADAPTIVE`) is derived from i
   ``atol``, an optional cap ``max_steps`` and an optional **per-sample** error norm: a step is
   accepted when the worst sample's RMS error is within tolerance, instead of the RMS over the
   whole batch, so one outlier cannot hide behind many easy samples;
+* **per-sample step control** (``step_control``, ``dopri5`` with the per-sample norm): every
+  sample has its own time, step size and error test, and finished samples retire from the
+  batch (:mod:`flowkit.solvers_per_sample`), so the easy samples no longer take the hardest
+  one's steps. It needs a field that takes per-sample times, declared by wrapping it in
+  :class:`PerSampleTimeField` (``field(t [B], x, rows)``); the default ``"auto"`` uses it for such
+  a field whenever the settings allow, and shares steps otherwise (every field of today);
 * **fixed-step** ``euler`` (order 1), ``midpoint`` and ``heun`` (order 2) and ``rk4`` (the
   classical method, order 4), written here and evaluating every stage at its own time, so a
   solve costs exactly ``steps × stages`` evaluations per segment between consecutive times.
@@ -68,7 +74,7 @@ from .registry import did_you_mean
 __all__ = [
     "Method", "METHODS", "FIXED_STEP", "ADAPTIVE", "ALL_METHODS", "ODEMethod", "Tolerance", "StepCount",
     "fixed_step_needs_steps", "SolverError", "SolverSpec", "SETTINGS", "as_solver",
-    "odeint", "Solution", "CountingField", "per_sample_rms_norm",
+    "odeint", "Solution", "CountingField", "per_sample_rms_norm", "StepControl", "PerSampleTimeField",
 ]
 
 
@@ -122,10 +128,30 @@ Tolerance = PositiveFloat
 #: ``steps`` of a fixed-step method (per segment between consecutive times)
 StepCount = PositiveInt
 
+#: ``step_control``: ``"batch"`` (one step size for the whole batch), ``"per_sample"`` (each sample
+#: its own; :mod:`flowkit.solvers_per_sample`) or ``"auto"`` (per-sample where the field takes
+#: per-sample times and the settings allow it, see :meth:`SolverSpec.per_sample_problems`)
+StepControl = Literal["auto", "batch", "per_sample"]
+#: the one method with a per-sample implementation
+PER_SAMPLE_METHOD = "dopri5"
+
 #: declared on components with ``method`` and ``steps`` arguments (and run by :class:`SolverSpec`)
 fixed_step_needs_steps = Rule(
     ("steps", "method"), lambda a: a["method"] not in FIXED_STEP or a["steps"] is not None,
     "fixed-step method {method!r} needs steps >= 1 (or choose an adaptive method: " + ", ".join(ADAPTIVE) + ")")
+
+
+#: what ``step_control="per_sample"`` needs from the other settings (run by :class:`SolverSpec`)
+per_sample_step_rules = (
+    Rule(("step_control", "method"), lambda a: a["step_control"] != "per_sample" or a["method"] == PER_SAMPLE_METHOD,
+         "'per_sample' is implemented for " + PER_SAMPLE_METHOD + " only, got method {method!r} (or use step_control: "
+         "batch)"),
+    Rule(("step_control", "per_sample_norm"), lambda a: a["step_control"] != "per_sample" or a["per_sample_norm"],
+         "'per_sample' tests each sample's own error: it needs per_sample_norm: true (or use step_control: batch)"),
+    Rule(("step_control", "adjoint"), lambda a: a["step_control"] != "per_sample" or not a["adjoint"],
+         "'per_sample' is for evaluation and does not differentiate: it excludes adjoint: true (use "
+         "step_control: batch or auto)"),
+)
 
 
 class SolverError(ValueError):
@@ -149,12 +175,19 @@ class SolverSpec:
             sample's RMS) instead of the batch RMS.
         adjoint: differentiate by the adjoint method (needs the field to be an ``nn.Module``
             or ``adjoint_params`` given to :func:`odeint`).
-        max_steps: adaptive methods: give up after this many steps (≥ 1; ``None``: no cap).
+        max_steps: adaptive methods: give up after this many steps (≥ 1; ``None``: no cap);
+            with per-sample steps, trial steps per sample.
+        step_control: ``"batch"``: one step size for the batch (today's solves);
+            ``"per_sample"``: each sample its own time, step and error test, finished samples
+            retired (:mod:`flowkit.solvers_per_sample`; needs ``dopri5``, ``per_sample_norm`` and
+            no adjoint, and a :class:`PerSampleTimeField`); ``"auto"`` (default): per-sample for a
+            :class:`PerSampleTimeField` when those settings hold, batch otherwise.
 
     Raises:
         SolverError: naming every bad setting — a value outside its declared type or range
             (the same annotations recipes are checked against), an unknown method (with the
-            list and a "did you mean"), a fixed-step method without ``steps``.
+            list and a "did you mean"), a fixed-step method without ``steps``,
+            ``step_control="per_sample"`` with settings it cannot honour.
     """
 
     method: ODEMethod = "dopri5"
@@ -164,6 +197,7 @@ class SolverSpec:
     per_sample_norm: bool = False
     adjoint: bool = False
     max_steps: Optional[PositiveInt] = None
+    step_control: StepControl = "auto"
 
     def __post_init__(self) -> None:
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -173,10 +207,11 @@ class SolverSpec:
             if problem is not None:
                 errors.append(problem)
                 bad.add(name)
-        if not bad.intersection(fixed_step_needs_steps.keys):
-            found = fixed_step_needs_steps.check(settings)
-            if found is not None:
-                errors.append(f"{found[0]}: {found[1]}")
+        for rule in (fixed_step_needs_steps, *per_sample_step_rules):
+            if not bad.intersection(rule.keys):
+                found = rule.check(settings)
+                if found is not None:
+                    errors.append(f"{found[0]}: {found[1]}")
         if errors:
             raise SolverError(errors)
         object.__setattr__(self, "rtol", float(self.rtol))
@@ -186,6 +221,19 @@ class SolverSpec:
     def fixed_step(self) -> bool:
         """Whether :attr:`method` takes ``steps`` fixed steps (else it is adaptive)."""
         return self.method in FIXED_STEP
+
+    def per_sample_problems(self) -> list[str]:
+        """What keeps these settings from per-sample step control (empty: nothing)."""
+        problems = []
+        if self.step_control == "batch":
+            problems.append("step_control other than 'batch'")
+        if self.method != PER_SAMPLE_METHOD:
+            problems.append(f"method {PER_SAMPLE_METHOD} (got {self.method})")
+        if not self.per_sample_norm:
+            problems.append("per_sample_norm: true")
+        if self.adjoint:
+            problems.append("adjoint: false")
+        return problems
 
     def nfe_per_segment(self) -> Optional[int]:
         """Field evaluations between two consecutive times: ``steps × stages``; ``None`` if adaptive."""
@@ -229,10 +277,25 @@ def as_solver(solver: Optional[SolverSpec] = None, default: Optional[SolverSpec]
 
 @dataclass
 class Solution:
-    """``ys[i]`` is the state at ``times[i]``; ``nfe`` counts field evaluations."""
+    """``ys[i]`` is the state at ``times[i]``; ``nfe`` counts (batched) field evaluations.
+
+    ``sample_evals`` counts evaluations of single samples (the rows of every call, summed:
+    ``nfe × batch`` with shared steps); a per-sample solve also reports each sample's
+    ``accepted`` and ``rejected`` steps (``[B]``) and ``step_control`` says which control ran.
+    """
 
     ys: Tensor
     nfe: int
+    sample_evals: Optional[int] = None
+    accepted: Optional[Tensor] = None
+    rejected: Optional[Tensor] = None
+    step_control: str = "batch"
+
+    def mean_steps(self) -> Optional[float]:
+        """Mean accepted + rejected steps per sample (per-sample solves; ``None`` otherwise)."""
+        if self.accepted is None or self.rejected is None:
+            return None
+        return float((self.accepted + self.rejected).double().mean())
 
 
 class CountingField(nn.Module):
@@ -246,6 +309,41 @@ class CountingField(nn.Module):
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         self.nfe += 1
         return self.field(t, x)
+
+
+class PerSampleTimeField(nn.Module):
+    """Declares that ``fn`` takes one time per sample: ``fn(t, x, rows)``.
+
+    ``t`` is a ``[B']`` tensor of per-sample times, ``x`` the ``[B', ...]`` states and ``rows``
+    the ``[B']`` indices (``LongTensor``) of these samples in the batch the solve started with,
+    so ``fn`` can slice per-sample constants (Hutchinson probes, a condition). Per-sample step
+    control (:mod:`flowkit.solvers_per_sample`) calls it on the unfinished samples only; a solve
+    with shared steps calls it with ``t`` expanded to the batch and ``rows = arange(B)``.
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Tensor, Tensor], Tensor], name: str = "field") -> None:
+        super().__init__()
+        self.fn = fn
+        #: how errors of a solve refer to the field
+        self.name = name
+
+    def forward(self, t: Tensor, x: Tensor, rows: Tensor) -> Tensor:
+        return self.fn(t, x, rows)
+
+    def shared_time(self) -> nn.Module:
+        """This field as ``field(t, x)`` with one time for the batch (for shared-step solvers)."""
+        return _SharedTime(self)
+
+
+class _SharedTime(nn.Module):
+    def __init__(self, field: PerSampleTimeField) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return self.field(t.expand(x.shape[0]) if t.dim() == 0 else t, x, rows)
 
 
 def per_sample_rms_norm(batch_dims: int = 1) -> Callable[[Tensor], Tensor]:
@@ -271,7 +369,9 @@ def odeint(
     """Solve ``dx/dt = field(t, x)`` from ``times[0]``, returning the state at each time.
 
     Args:
-        field: vector field ``field(t, x)``.
+        field: vector field ``field(t, x)``, or a :class:`PerSampleTimeField`, which with an
+            ``auto`` or ``per_sample`` ``step_control`` (and ``dopri5``, ``per_sample_norm``) is
+            solved with per-sample steps (:func:`flowkit.solvers_per_sample.odeint_per_sample`).
         x: initial state at ``times[0]``.
         times: monotone times (increasing or decreasing), at least two.
         solver: the solver (default ``SolverSpec()``: ``dopri5``, ``rtol = atol = 1e-5``).
@@ -285,10 +385,21 @@ def odeint(
 
     Raises:
         SolverError: invalid settings (an unknown method, a fixed-step method without
-            ``steps``, a tolerance ≤ 0, ...).
+            ``steps``, a tolerance ≤ 0, ...); ``step_control="per_sample"`` for a field that is
+            not a :class:`PerSampleTimeField`.
         ValueError: ``times`` not a 1-D sequence of at least two times.
     """
     solver = as_solver(solver, **settings)
+    if isinstance(field, PerSampleTimeField) and not solver.per_sample_problems():
+        from .solvers_per_sample import odeint_per_sample  # imports this module: imported when used
+
+        return odeint_per_sample(field, x, times, solver)
+    if solver.step_control == "per_sample":
+        raise SolverError([f"step_control: 'per_sample' needs a field that takes per-sample times, declared by "
+                           f"wrapping it in flowkit.solvers.PerSampleTimeField (fn(t[B], x, rows)); got "
+                           f"{type(field).__name__} (or use step_control: auto or batch)"])
+    if isinstance(field, PerSampleTimeField):
+        field = field.shared_time()
     times = torch.as_tensor(times, dtype=x.dtype, device=x.device) if not torch.is_tensor(times) \
         else times.to(dtype=x.dtype, device=x.device)
     if times.dim() != 1 or times.numel() < 2:
@@ -299,7 +410,8 @@ def odeint(
         ys = _fixed(counted, x, times, solver.method, int(solver.steps))
     else:
         ys = _torchdiffeq(counted, x, times, solver, adjoint_params)
-    return Solution(ys, counted.nfe - start)
+    nfe = counted.nfe - start
+    return Solution(ys, nfe, sample_evals=nfe * x.shape[0])
 
 
 def _fixed(field, x: Tensor, times: Tensor, method: str, steps: int) -> Tensor:
