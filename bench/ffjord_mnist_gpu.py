@@ -63,7 +63,8 @@ sys.path.insert(0, str(ROOT))
 
 import flowkit  # noqa: E402
 from flowkit.trace import divergence, sample_probe  # noqa: E402
-from flowkit.dynamics.conv import ConcatConvNet, multiscale_views  # noqa: E402
+from flowkit.dynamics.conv import ConcatConvNet  # noqa: E402
+from flowkit.dynamics.multiscale import multiscale_views  # noqa: E402
 from flowkit.likelihood import log_likelihood  # noqa: E402
 from flowkit.flow import StandardNormal  # noqa: E402
 

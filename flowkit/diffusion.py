@@ -203,7 +203,14 @@ def score_log_likelihood(
     return log_likelihood(field, x, path.prior(shape) if prior is None else prior,
                           times=(start, end), cond=cond, estimator=estimator, noise=noise,
                           n_probes=n_probes, solver=solver, generator=generator,
-                          names=["score_fn (through the probability-flow velocity)"], **settings)
+                          names=["score_fn (through the probability-flow velocity)"], time_per_sample=True,
+                          **settings)
+
+
+def _first_time(t: Tensor | float) -> str:
+    """``t`` for messages: a scalar, or the first of a ``[B]`` tensor of per-sample times."""
+    t = torch.as_tensor(t)
+    return f"{float(t.reshape(-1)[0]):.6g}" + ("" if t.numel() == 1 else ", ...")
 
 
 def _checked_score(score: Field) -> Field:
@@ -217,7 +224,7 @@ def _checked_score(score: Field) -> Field:
         out = score(t, x, cond)
         if not isinstance(out, Tensor) or tuple(out.shape) != tuple(x.shape):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise FieldError(f"score_fn(x, t) returned {got} for x of shape {tuple(x.shape)} at t={float(t):.6g}; "
+            raise FieldError(f"score_fn(x, t) returned {got} for x of shape {tuple(x.shape)} at t={_first_time(t)}; "
                              f"expected a tensor of shape {tuple(x.shape)} (the shape of x: [batch, *event_shape])")
         return out.clone() if out.is_inference() else out
 

@@ -2,9 +2,10 @@
 
 The state ``[x, Δ]`` with ``dΔ/dt = tr ∂v/∂x`` is integrated from data at ``t0`` to the
 prior at ``t1``; then ``log p(x) = log p_{t1}(x(t1)) + Δ(t1)`` (see :mod:`flowkit.flow`).
-Training (FFJORD) and evaluation (every objective) use the same
-:class:`AugmentedDynamics`, with RNODE's kinetic-energy and Jacobian-norm integrals
-(Finlay et al. 2020, eq. 4) as optional extra channels.
+Training (FFJORD) and evaluation (every objective) use the same integrator,
+:func:`integrate_augmented`, over a flow's segments (its stacked blocks), with RNODE's
+kinetic-energy and Jacobian-norm integrals (Finlay et al. 2020, eq. 4) as optional extra
+channels; evaluation runs it with the checks below (``trust=True``), training without.
 
 Contract (no silent wrong answers)
 ----------------------------------
@@ -44,6 +45,7 @@ with autograd and outside inference mode whatever the caller's mode, so
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -54,11 +56,12 @@ import torch
 from torch import Tensor, nn
 
 from .trace import DIFFERENTIATIONS, ESTIMATORS, NO_GRAPH, NOISES, divergence, finite_difference_step, sample_probe
+from .fast_divergence import bind, choose_strategy
 from .flow import FieldError, Flow, NonFiniteFieldError, Prior
-from .solvers import SolverSpec, as_solver, odeint
+from .solvers import PerSampleTimeField, CountingField, SolverSpec, as_solver, odeint
 
-__all__ = ["AugmentedDynamics", "log_likelihood", "flow_log_likelihood", "Likelihood", "bits_per_dim",
-           "FieldError", "NonFiniteFieldError", "check_data", "LIKELIHOOD_SOLVER"]
+__all__ = ["AugmentedDynamics", "AugmentedSolution", "integrate_augmented", "log_likelihood", "flow_log_likelihood",
+           "Likelihood", "bits_per_dim", "FieldError", "NonFiniteFieldError", "check_data", "LIKELIHOOD_SOLVER"]
 
 #: the solver of a likelihood solve unless told otherwise: dopri5 at 1e-5 with the per-sample
 #: error norm, so no sample's log-density change is less accurate than the tolerance says
@@ -93,6 +96,9 @@ class AugmentedDynamics(nn.Module):
             probe is returned as NaN, which the heuristic ignores (an inf would make it choose
             a first step of 0). Every step the solver takes lies inside the interval.
         name: how errors refer to the field.
+
+    The divergence is taken as :attr:`strategy` says: through a fast path ``velocity`` declares
+    (:mod:`flowkit.fast_divergence`; checked at construction) or a generic estimator.
     """
 
     def __init__(self, velocity: Callable, shape: Sequence[int], *, estimator: str = "exact",
@@ -101,7 +107,7 @@ class AugmentedDynamics(nn.Module):
                  fd_step: Optional[float] = None, check_finite: bool = False,
                  interval: Optional[tuple[float, float]] = None, name: str = "velocity") -> None:
         super().__init__()
-        self.velocity = velocity
+        self.velocity = velocity  # a module's parameters register here (the adjoint's defaults)
         self.shape = tuple(shape)
         self.dim = math.prod(self.shape)
         self.estimator = estimator
@@ -116,10 +122,25 @@ class AugmentedDynamics(nn.Module):
         self.check_finite = check_finite
         self.interval = None if interval is None else (min(map(float, interval)), max(map(float, interval)))
         self.name = name
+        #: the fast divergence paths ``velocity`` declares, the condition bound (checked here)
+        self.paths = bind(velocity, cond)
         #: the message of the first of the latest run of non-finite evaluations (None after a finite one)
         self.failure: Optional[str] = None
-        if isinstance(velocity, nn.Module):
-            self.module = velocity  # registers parameters for the adjoint
+
+    @property
+    def strategy(self) -> str:
+        """How the divergence is computed (:func:`~flowkit.fast_divergence.choose_strategy`)."""
+        return choose_strategy(self.estimator, self.paths.names, differentiate=self.differentiate,
+                               frobenius=self.regularise, dim=self.dim)
+
+    def probe_template(self, x: Tensor) -> Tensor:
+        """A tensor shaped like one Hutchinson probe: ``x``, or the bottleneck's ``h`` where the
+        strategy is ``bottleneck``."""
+        if self.strategy != "bottleneck":
+            return x
+        with torch.enable_grad():
+            h, _ = self.paths.split(torch.zeros((), dtype=x.dtype, device=x.device), x.detach().requires_grad_(True))
+        return h.detach()
 
     def _field(self, t: Tensor, x: Tensor) -> Tensor:
         if self.cond is None:
@@ -128,16 +149,6 @@ class AugmentedDynamics(nn.Module):
         reps = x.shape[0] // self.cond.shape[0]
         cond = self.cond if reps == 1 else self.cond.repeat(reps, *([1] * (self.cond.dim() - 1)))
         return self.velocity(t, x, cond)
-
-    def _jacobian(self, t: Tensor, x: Tensor):
-        if self.cond is None:
-            return self.velocity.forward_with_jacobian(t, x)
-        return self.velocity.forward_with_jacobian(t, x, self.cond)
-
-    def _jvp(self, t: Tensor, x: Tensor, v: Tensor):
-        if self.cond is None:
-            return self.velocity.forward_with_jvp(t, x, v)
-        return self.velocity.forward_with_jvp(t, x, v, self.cond)
 
     def forward(self, t: Tensor, state: Tensor) -> Tensor:
         if self.failure is not None and not bool(torch.isfinite(state).all()):
@@ -148,18 +159,10 @@ class AugmentedDynamics(nn.Module):
         if self.interval is not None:  # a tensor op, no host synchronisation
             t = torch.as_tensor(t).clamp(*self.interval)
         x = state[:, : self.dim].reshape(-1, *self.shape)
-        split = None
-        if self.estimator == "hutchinson" and getattr(self.velocity, "bottleneck", False):
-            split = lambda t_, x_: self.velocity.split(t_, x_, self.cond)  # noqa: E731
-        jacobian = None
-        if self.estimator == "exact" and hasattr(self.velocity, "forward_with_jacobian"):
-            jacobian = self._jacobian
-        jvp = None
-        if self.estimator == "hutchinson" and split is None and hasattr(self.velocity, "forward_with_jvp"):
-            jvp = self._jvp
         out = divergence(self._field, t, x, estimator=self.estimator, probe=self.probe,
-                         create_graph=self.create_graph, frobenius=self.regularise, split=split,
-                         jacobian=jacobian, jvp=jvp, differentiate=self.differentiate, fd_step=self.fd_step)
+                         create_graph=self.create_graph, frobenius=self.regularise, split=self.paths.split,
+                         jacobian=self.paths.jacobian, jvp=self.paths.jvp, differentiate=self.differentiate,
+                         fd_step=self.fd_step)
         if tuple(out.dx.shape) != tuple(x.shape):
             raise FieldError(f"{self.name} returned shape {tuple(out.dx.shape)} at t={float(t):.6g}, expected "
                              f"{tuple(x.shape)}, the shape of its input x ([batch, *event_shape])")
@@ -171,6 +174,31 @@ class AugmentedDynamics(nn.Module):
         if self.check_finite:
             return self._check_finite(asked, result)
         return result
+
+    def forward_rows(self, t: Tensor, state: Tensor, rows: Tensor) -> Tensor:
+        """:meth:`forward` with one time per sample (``t`` ``[B']``) on the rows ``rows`` of the
+        batch the solve started with (their probes and condition). For per-sample step control
+        (:mod:`flowkit.solvers_per_sample`), which rejects a step that meets a non-finite value
+        and names the samples itself."""
+        if self.interval is not None:
+            t = t.clamp(*self.interval)
+        x = state[:, : self.dim].reshape(-1, *self.shape)
+        probe = None if self.probe is None else self.probe[:, rows]
+        cond = None if self.cond is None else self.cond[rows]
+
+        def field(_t: Tensor, y: Tensor) -> Tensor:  # y: the rows, or copies of them (exact trace, differences)
+            reps = y.shape[0] // t.shape[0]
+            tt = t if reps == 1 else t.repeat(reps)
+            if cond is None:
+                return self.velocity(tt, y)
+            return self.velocity(tt, y, cond if reps == 1 else cond.repeat(reps, *([1] * (cond.dim() - 1))))
+
+        out = divergence(field, t, x, estimator=self.estimator, probe=probe, differentiate=self.differentiate,
+                         fd_step=self.fd_step)
+        if tuple(out.dx.shape) != tuple(x.shape):
+            raise FieldError(f"{self.name} returned shape {tuple(out.dx.shape)}, expected {tuple(x.shape)}, the "
+                             f"shape of its input x ([batch, *event_shape])")
+        return torch.cat([out.dx.reshape(x.shape[0], -1), out.div.unsqueeze(1)], 1)
 
     def _check_finite(self, t: Tensor, result: Tensor) -> Tensor:
         """One ``isfinite`` reduction per evaluation; the rest only when it fails (see ``check_finite``
@@ -253,6 +281,7 @@ def log_likelihood(
     solver: Optional[SolverSpec] = None,
     generator: torch.Generator | None = None,
     names: Optional[Sequence[str]] = None,
+    time_per_sample: bool = False,
     **settings: Any,
 ) -> Likelihood:
     """``log p(x)`` of the flow ``dx/dt = velocity(t, x)`` whose density at ``times[-1]`` is ``prior``.
@@ -275,6 +304,11 @@ def log_likelihood(
         generator: random source of the Hutchinson probes.
         names: how messages refer to the fields, one per field (default ``velocity`` or
             ``blocks[i]``).
+        time_per_sample: the caller declares that every field takes a ``[B]`` tensor of
+            per-sample times. The solve then steps each sample on its own, with its own error
+            control, retiring finished samples (:mod:`flowkit.solvers_per_sample`) wherever
+            ``solver`` allows it (``dopri5``, per-sample norm, no adjoint: the default); the
+            batch no longer takes its hardest sample's steps.
         **settings: instead of ``solver``, the fields of :class:`~flowkit.solvers.SolverSpec`
             that differ from :data:`LIKELIHOOD_SOLVER` (``method="rk4", steps=8``).
 
@@ -304,47 +338,135 @@ def log_likelihood(
         names = [f"blocks[{i}]" for i in range(len(blocks))] if len(blocks) else ["velocity"]
     elif len(names) != len(fields):
         raise ValueError(f"names: expected {len(fields)} names, one per field, got {len(names)}")
-    return _solve(fields, list(names), x, prior, times=times, cond=cond, estimator=estimator,
-                  noise=noise, n_probes=n_probes, solver=solver, generator=generator)
-
-
-def _solve(fields: Sequence[Callable], names: Sequence[str], x: Tensor, prior: Prior, *,
-           times: Sequence[float], cond: Optional[Tensor], estimator: str, noise: str, n_probes: int,
-           solver: SolverSpec, generator: torch.Generator | None) -> Likelihood:
-    """:func:`log_likelihood` of the fields in turn, each checked once at its start (module docstring)."""
     check_data(x)
     _check_cond(cond, x)
     _check_prior_shape(prior, x)
-    times = _check_options(estimator, noise, n_probes, times)
+    t0, t1 = _check_options(estimator, noise, n_probes, times)
     with torch.inference_mode(False):  # the divergence needs autograd whatever the caller's mode
+        sol = integrate_augmented([(f, t0, t1) for f in fields], x, cond=cond, estimator=estimator, noise=noise,
+                                  n_probes=n_probes, generator=generator, solver=solver, trust=True, names=names,
+                                  time_per_sample=time_per_sample)
+        prior_lp = prior.log_prob(sol.z)
+        _check_prior(prior_lp, sol.z)
+        return Likelihood(prior_lp + sol.delta, prior_lp, sol.delta, sol.z, sol.nfe)
+
+
+@dataclass
+class AugmentedSolution:
+    """The end of :func:`integrate_augmented`, per sample: the image ``z`` of ``x``, the
+    log-determinant ``delta = ∫ tr ∂v/∂x dt`` (so ``log p(x) = log p(z) + delta``), RNODE's
+    integrals ``kinetic = ∫‖v‖² dt`` and ``jacobian_norm = ∫‖∂v/∂x‖²_F dt`` (None unless
+    ``regularise``), and ``nfe``, the field evaluations of the solves."""
+
+    z: Tensor
+    delta: Tensor
+    kinetic: Optional[Tensor]
+    jacobian_norm: Optional[Tensor]
+    nfe: int
+    counters: Sequence[CountingField] = ()
+
+    def evaluations(self) -> int:
+        """Field evaluations so far, those of a later backward pass (adjoint) included."""
+        return sum(c.nfe for c in self.counters)
+
+
+def integrate_augmented(
+    segments: Sequence[tuple[Callable, float, float]],
+    x: Tensor,
+    *,
+    cond: Optional[Tensor] = None,
+    estimator: str = "exact",
+    noise: str = "rademacher",
+    n_probes: int = 1,
+    generator: torch.Generator | None = None,
+    solver: SolverSpec = LIKELIHOOD_SOLVER,
+    regularise: bool = False,
+    create_graph: bool = False,
+    trust: bool = False,
+    names: Optional[Sequence[str]] = None,
+    time_per_sample: bool = False,
+) -> AugmentedSolution:
+    """Integrate ``d/dt [x, Δ, E, F] = [v, tr ∂v/∂x, ‖v‖², ‖∂v/∂x‖²_F]`` over ``segments`` in turn.
+
+    The one integrator of the augmented ODE (FFJORD appendix C, Algorithm 1; RNODE, Finlay et
+    al. 2020, eq. 4): :func:`log_likelihood` and the FFJORD objective's loss both call it.
+    Each segment ``(field, t_start, t_end)`` — a flow's :meth:`~flowkit.flow.Flow.segments`,
+    one per stacked block — starts from where the previous one ended, with ``Δ`` (and ``E``,
+    ``F``) accumulated. Hutchinson probes are drawn per segment, where the divergence strategy
+    says (the data's space, or a declared bottleneck's; :mod:`flowkit.fast_divergence`), and
+    held fixed over its solve (FFJORD eq. 4).
+
+    Args:
+        segments: ``(field, t_start, t_end)`` from data to prior; ``field(t, x[, cond])``.
+        x: data ``[batch, *event_shape]``.
+        cond: one condition per sample, or None.
+        estimator, noise, n_probes, generator: the trace estimator and its probes.
+        solver: the ODE solver; with ``adjoint``, gradients reach each field's parameters.
+        regularise: integrate the kinetic energy and Jacobian norm too.
+        create_graph: keep the divergence's graph (training).
+        trust: the evaluation contract of the module docstring: each field is checked at its
+            start (:func:`_inspect`, which also picks autograd or finite differences), every
+            evaluation is watched for NaN/inf, the field sees times clamped into its segment,
+            and the solve runs without a graph. The inputs themselves are checked by the
+            caller (:func:`log_likelihood`).
+        names: how errors refer to the fields, one per segment.
+        time_per_sample: every field takes a ``[B]`` tensor of per-sample times; with ``trust``
+            and a solver that allows it, each sample is stepped on its own
+            (:func:`log_likelihood`).
+
+    Returns:
+        :class:`AugmentedSolution`.
+
+    Raises:
+        FieldError, NonFiniteFieldError: with ``trust``, see :func:`log_likelihood`.
+        flowkit.fast_divergence.DivergenceDeclarationError: a field's declared fast paths are
+            not implemented.
+
+    Example:
+        >>> A = torch.tensor([[-0.5, 0.0], [0.0, -1.0]])
+        >>> sol = integrate_augmented([(lambda t, x: x @ A.T, 0.0, 1.0)], torch.zeros(3, 2))
+        >>> torch.allclose(sol.delta, torch.full((3,), -1.5), atol=1e-4)
+        True
+    """
+    shape = tuple(x.shape[1:])
+    dim = math.prod(shape)
+    names = [f"segments[{i}]" for i in range(len(segments))] if names is None else list(names)
+    with torch.inference_mode(False):
         x = x.clone() if x.is_inference() else x
         cond = cond.clone() if cond is not None and cond.is_inference() else cond
-        shape = tuple(x.shape[1:])
-        dim = math.prod(shape)
-        state, nfe = None, 0
-        for field_fn, name in zip(fields, names):
-            start = x if state is None else state[:, :dim].reshape(x.shape)
-            aug = AugmentedDynamics(field_fn, shape, estimator=estimator, cond=cond, check_finite=True,
-                                    interval=times, name=name)
-            aug.differentiate, aug.fd_step = _inspect(aug, times, start, name, estimator, n_probes)
+        state, nfe, counters = None, 0, []
+        for (field, t_start, t_end), name in zip(segments, names):
+            times = (float(t_start), float(t_end))
+            aug = AugmentedDynamics(field, shape, estimator=estimator, cond=cond, regularise=regularise,
+                                    create_graph=create_graph, check_finite=trust,
+                                    interval=times if trust else None, name=name)
+            if trust:
+                start = x if state is None else state[:, :dim].reshape(x.shape)
+                aug.differentiate, aug.fd_step = _inspect(aug, times, start, name, estimator, n_probes)
             if estimator == "hutchinson":
-                template = x if aug.differentiate == "finite_difference" else _probe_template(field_fn, x, cond)
-                aug.probe = sample_probe(template, noise, n_probes, generator=generator)
-            with torch.no_grad():
+                aug.probe = sample_probe(aug.probe_template(x), noise, n_probes, generator=generator)
+            counted = CountingField(aug)
+            counters.append(counted)
+            params = tuple(field.parameters()) if solver.adjoint and isinstance(field, nn.Module) else None
+            with torch.no_grad() if trust else contextlib.nullcontext():
                 state = aug.initial_state(x) if state is None else state
+                per_sample = trust and time_per_sample and not regularise and not solver.per_sample_problems()
                 try:
-                    sol = odeint(aug, state, [times[0], times[-1]], solver)
+                    if per_sample:
+                        sol = odeint(PerSampleTimeField(aug.forward_rows, name), state, list(times), solver)
+                        counted.nfe += sol.nfe
+                    else:
+                        sol = odeint(counted, state, list(times), solver, adjoint_params=params)
                 except AssertionError:  # torchdiffeq's "underflow in dt": it cannot get past a non-finite field
                     if aug.failure is None:
                         raise
                     raise NonFiniteFieldError(aug.failure) from None
-                aug.raise_if_failed(sol.ys[-1])
-                state, nfe = sol.ys[-1], nfe + sol.nfe
-        z = state[:, :dim].reshape(x.shape)
-        delta = state[:, dim]
-        prior_lp = prior.log_prob(z)
-        _check_prior(prior_lp, z)
-        return Likelihood(prior_lp + delta, prior_lp, delta, z, nfe)
+                if trust:
+                    aug.raise_if_failed(sol.ys[-1])
+            state, nfe = sol.ys[-1], nfe + sol.nfe
+    z = state[:, :dim].reshape(x.shape)
+    extra = (state[:, dim + 1], state[:, dim + 2]) if regularise else (None, None)
+    return AugmentedSolution(z, state[:, dim], *extra, nfe, counters)
 
 
 def check_data(x: Tensor, name: str = "x") -> None:
@@ -632,16 +754,6 @@ def _directional(aug: AugmentedDynamics, t: float, x: Tensor, eps: Tensor, name:
 
 def _usable(out, x: Tensor) -> bool:
     return isinstance(out, Tensor) and tuple(out.shape) == tuple(x.shape) and bool(torch.isfinite(out).all())
-
-
-def _probe_template(velocity, x: Tensor, cond) -> Tensor:
-    """A tensor shaped like the Hutchinson probe: ``x``, or the bottleneck's ``h``."""
-    if not getattr(velocity, "bottleneck", False):
-        return x
-    split = velocity.split
-    with torch.enable_grad():
-        h, _ = split(torch.zeros((), dtype=x.dtype, device=x.device), x.detach().requires_grad_(True), cond)
-    return h.detach()
 
 
 def flow_log_likelihood(flow: Flow, x: Tensor, **options) -> Likelihood:

@@ -3,7 +3,7 @@
 Three estimators of the trace of the Jacobian ``J = ∂f/∂x``:
 
 * ``exact`` — every diagonal entry. A field that can carry its Jacobian forward
-  (``forward_with_jacobian``) supplies it directly; otherwise one forward pass and ``D``
+  (the ``jacobian`` path) supplies it directly; otherwise one forward pass and ``D``
   vector–Jacobian products with the one-hot basis, batched by ``is_grads_batched`` (no
   Python loop over dimensions). Cost grows with ``D``.
 * ``hutchinson`` — ``tr J = E[εᵀ J ε]`` with ``E[εεᵀ] = I`` (Hutchinson 1989; FFJORD
@@ -11,9 +11,13 @@ Three estimators of the trace of the Jacobian ``J = ∂f/∂x``:
   are averaged in one batched backward (``is_grads_batched``).
 * bottleneck (FFJORD appendix E) — when ``f = g ∘ h`` with a narrow ``h``, the
   estimate ``εᵀ (∂h/∂x)(∂g/∂h) ε`` uses the cyclic property of the trace with ε of
-  the bottleneck's width, lowering variance. A field exposes this by implementing
-  ``split(t, x, cond) -> (h, g)`` and ``bottleneck = True`` (e.g. ``concatsquash`` with
-  ``bottleneck: true`` splits after its first layer).
+  the bottleneck's width, lowering variance. A field offers this by declaring the
+  ``bottleneck`` path and implementing ``split(t, x, cond) -> (h, g)`` (e.g. ``concatsquash``
+  with ``bottleneck: true`` splits after its first layer).
+
+Which of them runs, and whether through a fast path the field declares (its
+``divergence_paths``: ``jacobian``, ``jvp``, ``bottleneck``), is decided in one place,
+:func:`flowkit.fast_divergence.choose_strategy`.
 
 RNODE (Finlay et al. 2020, eq. 4) regularises ``‖f‖²`` (kinetic energy) and
 ``‖J‖_F²``; the latter is ``‖J‖²_F`` exactly for ``exact`` and its unbiased
@@ -39,12 +43,14 @@ How ``J`` is obtained (``differentiate``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
 
+from .fast_divergence import FastPaths, choose_strategy
 from .flow import FieldError
 
 __all__ = ["divergence", "Divergence", "sample_probe", "finite_difference_step", "ESTIMATORS", "NOISES",
@@ -93,15 +99,15 @@ def divergence(
     create_graph: bool = False,
     frobenius: bool = False,
     split: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Callable[[Tensor], Tensor]]]] = None,
-    jacobian: Optional[Callable[[Tensor, Tensor], Optional[tuple[Tensor, Tensor]]]] = None,
-    jvp: Optional[Callable[[Tensor, Tensor, Tensor], Optional[tuple[Tensor, Tensor]]]] = None,
+    jacobian: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
+    jvp: Optional[Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
     differentiate: Literal["autograd", "finite_difference"] = "autograd",
     fd_step: Optional[float] = None,
 ) -> Divergence:
     """Evaluate ``f(t, x)`` and the divergence ``tr ∂f/∂x`` per sample.
 
     Args:
-        fn: field ``fn(t, x)``; a module with ``split`` uses the bottleneck estimator.
+        fn: field ``fn(t, x)``.
         t: scalar time.
         x: state ``[B, *event]``.
         estimator: ``"exact"`` or ``"hutchinson"``.
@@ -113,14 +119,16 @@ def divergence(
         split: for the bottleneck estimator, ``split(t, x) -> (h, g)`` with ``f = g(h)``;
             ``probe`` then lives in the space of ``h``.
         jacobian: optional ``jacobian(t, x) -> (f, J)`` computing the Jacobian in the
-            forward pass (e.g. ``ConcatSquashMLP.forward_with_jacobian``); used by ``exact``
-            when it returns a result. Same values, and training needs no double backward.
+            forward pass (e.g. ``ConcatSquashMLP.forward_with_jacobian``); used by ``exact``.
+            Same values, and training needs no double backward.
         jvp: optional ``jvp(t, x, v) -> (f, J v)`` in one forward pass (forward mode, e.g.
             ``ConcatConvNet.forward_with_jvp``); Hutchinson then uses ``εᵀ(Jε)`` and
             ``‖Jε‖²`` — the same estimator with a first-order backward for training.
         differentiate: ``"autograd"`` or ``"finite_difference"`` (central differences, for a
             field without an autograd graph; ``split``, ``jacobian`` and ``jvp`` are then
-            unused and Hutchinson probes live in the space of ``x``).
+            unused and Hutchinson probes live in the space of ``x``). Which of ``split``,
+            ``jacobian``, ``jvp`` and the generic estimators runs is
+            :func:`~flowkit.fast_divergence.choose_strategy`'s answer.
         fd_step: relative step ``r`` of the central differences (see
             :func:`finite_difference_step`; default ``ε_mach^{1/3}``).
 
@@ -143,25 +151,33 @@ def divergence(
         raise ValueError(f"unknown differentiate={differentiate!r}; choose one of: {', '.join(DIFFERENTIATIONS)}")
     if estimator == "hutchinson" and probe is None:
         raise ValueError("the Hutchinson estimator needs a probe (see sample_probe)")
-    if differentiate == "finite_difference":
+    paths = FastPaths(jacobian=jacobian, jvp=jvp, split=split)
+    strategy = choose_strategy(estimator, paths.names, differentiate=differentiate, frobenius=frobenius,
+                               dim=math.prod(x.shape[1:]))
+    if strategy == "finite_difference":
         return _finite_difference(fn, t, x, probe if estimator == "hutchinson" else None, create_graph, frobenius,
                                   fd_step)
     with torch.enable_grad():
-        if estimator == "exact":
-            if jacobian is not None:
-                out = jacobian(t, x)
-                if out is not None:
-                    dx, jac = out
-                    div = torch.diagonal(jac, dim1=-2, dim2=-1).sum(-1)
-                    return Divergence(dx, div, jac.pow(2).sum((-2, -1)) if frobenius else None)
+        if strategy == "jacobian":
+            dx, jac = _fast(jacobian(t, x), "jacobian")
+            div = torch.diagonal(jac, dim1=-2, dim2=-1).sum(-1)
+            return Divergence(dx, div, jac.pow(2).sum((-2, -1)) if frobenius else None)
+        if strategy == "exact":
             return _exact(fn, t, x, create_graph, frobenius)
-        if split is not None:
-            return _bottleneck(split, t, x, probe, create_graph, frobenius)
-        if jvp is not None:
-            out = _forward_mode(jvp, t, x, probe, frobenius)
-            if out is not None:
-                return out
+        if strategy == "bottleneck":
+            return _bottleneck(split, t, x, probe, create_graph)
+        if strategy == "jvp":
+            return _forward_mode(jvp, t, x, probe, frobenius)
         return _hutchinson(fn, t, x, probe, create_graph, frobenius)
+
+
+def _fast(out, path: str):
+    """The result of a fast path, which must be a pair of tensors."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise FieldError(f"the fast divergence path {path!r} returned {type(out).__name__}, expected a pair "
+                         f"of tensors; a network declares in divergence_paths only the paths it computes for "
+                         f"every input")
+    return out
 
 
 def _exact(fn, t, x, create_graph, frobenius) -> Divergence:
@@ -184,14 +200,12 @@ def _exact(fn, t, x, create_graph, frobenius) -> Divergence:
     return Divergence(out, div, frob)
 
 
-def _forward_mode(jvp, t, x, probe, frobenius) -> Optional[Divergence]:
+def _forward_mode(jvp, t, x, probe, frobenius) -> Divergence:
+    """Hutchinson by forward mode: ``εᵀ(Jε)`` and ``‖Jε‖²`` from ``jvp(t, x, ε) -> (f, Jε)``."""
     probes = probe if probe.dim() == x.dim() + 1 else probe.unsqueeze(0)
     divs, frobs, dx = [], [], None
     for eps in probes:
-        res = jvp(t, x, eps)
-        if res is None:
-            return None
-        dx, jv = res
+        dx, jv = _fast(jvp(t, x, eps), "jvp")
         divs.append((jv * eps).flatten(1).sum(-1))
         if frobenius:
             frobs.append(jv.flatten(1).pow(2).sum(-1))
@@ -214,13 +228,11 @@ def _hutchinson(fn, t, x, probe, create_graph, frobenius) -> Divergence:
     return Divergence(out, div, frob)
 
 
-def _bottleneck(split, t, x, probe, create_graph, frobenius) -> Divergence:
+def _bottleneck(split, t, x, probe, create_graph) -> Divergence:
     """``tr(J_g J_h) = tr(J_h J_g) = E[εᵀ J_h J_g ε]`` with ε of the bottleneck's width H
     (FFJORD appendix E), for ``f = g(h(x))``, ``h: R^D → R^H``. Two reverse passes:
-    ``u = εᵀ J_h`` then ``v = uᵀ J_g``; the estimate is ``v · ε``."""
-    if frobenius:
-        raise ValueError("the RNODE Jacobian-norm regulariser needs data-space probes; "
-                         "use estimator='hutchinson' on a field without a bottleneck")
+    ``u = εᵀ J_h`` then ``v = uᵀ J_g``; the estimate is ``v · ε``. (No ``‖J‖²_F``:
+    :func:`~flowkit.fast_divergence.choose_strategy` refuses it with a bottleneck.)"""
     if not x.requires_grad:
         x = x.requires_grad_(True)
     h, g = split(t, x)

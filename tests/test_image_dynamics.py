@@ -7,9 +7,9 @@ import torch
 
 import flowkit
 from flowkit.trace import divergence, sample_probe
-from flowkit.dynamics.conv import (ConcatConv2d, ConcatConvNet, ScaleField, default_n_scales, extend,
-                                   multiscale_fields, multiscale_views, restrict, split_channels,
-                                   squeeze, unsqueeze)
+from flowkit.dynamics.conv import ConcatConv2d, ConcatConvNet
+from flowkit.dynamics.multiscale import (ScaleField, default_n_scales, extend, multiscale_fields, multiscale_views,
+                                         restrict, split_channels, squeeze, unsqueeze)
 from flowkit.dynamics.unet import UNet
 from flowkit.likelihood import log_likelihood
 from flowkit.flow import StandardNormal
@@ -183,7 +183,7 @@ def test_bottleneck_through_likelihood_and_time_scaling():
 
     torch.manual_seed(0)
     field = TimeScaledField(conv_net((1, 4, 4), hidden=[2, 8], bottleneck=True), 0.5, learn=False)
-    assert field.bottleneck
+    assert field.divergence_paths == {"jvp", "bottleneck"}  # the wrapper carries the network's declaration
     x = torch.randn(1, 1, 4, 4).expand(256, 1, 4, 4).clone()
     opts = dict(method="rk4", steps=2, times=(0.0, 1.0))
     exact = log_likelihood(field, x[:1], StandardNormal((1, 4, 4)), **opts)
@@ -209,8 +209,11 @@ def test_forward_mode_jvp_matches_autograd(float64):
     f_ref, jv_ref = torch.func.jvp(lambda x_: field(t, x_), (x,), (v,))
     torch.testing.assert_close(f, f_ref)
     torch.testing.assert_close(jv, jv_ref)
-    assert conv_net((1, 4, 4), activation="gelu").forward_with_jvp(t, x[:, :16].reshape(2, 1, 4, 4),
-                                                                   v.reshape(2, 1, 4, 4)) is None
+    # gelu has no closed-form derivative: no jvp declared, and the method refuses rather than guess
+    gelu = conv_net((1, 4, 4), activation="gelu")
+    assert gelu.divergence_paths == frozenset()
+    with pytest.raises(ValueError, match="gelu"):
+        gelu.forward_with_jvp(t, x[:, :16].reshape(2, 1, 4, 4), v.reshape(2, 1, 4, 4))
 
 
 # ----------------------------------------------------------------------------- multiscale

@@ -46,6 +46,9 @@ DECAY = lambda t, x: -x  # noqa: E731  dx/dt = -x: x(t) = exp(-t) x(0)
     (dict(per_sample_norm="yes"), "per_sample_norm: expected true or false, got 'yes'"),
     (dict(adjoint=1), "adjoint: expected true or false, got 1"),
     (dict(max_steps=0), "max_steps: must be >= 1, got 0"),
+    (dict(step_control="fast"), "step_control: 'fast' is not one of: auto, batch, per_sample"),
+    (dict(step_control="per_sample"), "step_control: 'per_sample' tests each sample's own error"),
+    (dict(step_control="per_sample", per_sample_norm=True, method="rk4", steps=2), "implemented for dopri5 only"),
 ])
 def test_each_bad_setting_is_refused_by_name(settings, message):
     with pytest.raises(SolverError) as info:
@@ -57,7 +60,7 @@ def test_each_bad_setting_is_refused_by_name(settings, message):
 def test_every_bad_setting_is_named_at_once():
     with pytest.raises(SolverError) as info:
         SolverSpec(method="dopri", rtol=-1, atol=float("inf"), steps=0, per_sample_norm="no", adjoint=None,
-                   max_steps=-3)
+                   max_steps=-3, step_control="per sample")
     named = [line.split(":")[0] for line in info.value.errors]
     assert named == list(SETTINGS)
 
@@ -261,7 +264,7 @@ def test_objective_sampler_eval_and_teacher_pass_one_spec_down(monkeypatch):
     import flowkit.samplers.ode_samplers
 
     rec = _Recorder()
-    for module in (flowkit.likelihood, flowkit.objectives.ffjord, flowkit.samplers.ode_samplers):
+    for module in (flowkit.likelihood, flowkit.samplers.ode_samplers):  # FFJORD solves through likelihood.integrate_augmented
         monkeypatch.setattr(module, "odeint", rec)
     recipe = flowkit.load_recipe(ROOT / "recipes/ffjord_8gaussians.yaml", [
         "dynamics.hidden=[8]", "objective.method=rk4", "objective.steps=2", "objective.rtol=1e-4",
@@ -332,7 +335,10 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_solver_is_core_and_likelihood_does_not_import_samplers():
-    assert _imports(PACKAGE / "solvers.py") <= {"flowkit.constraints", "flowkit.registry"}
+    # the per-sample solver is imported by odeint when used; it imports the spec and the error types only
+    assert _imports(PACKAGE / "solvers.py") <= {"flowkit.constraints", "flowkit.registry", "flowkit.solvers_per_sample"}
+    assert _imports(PACKAGE / "solvers_per_sample.py") <= {"flowkit.solvers", "flowkit.flow"}
+    assert not _imports(PACKAGE / "flow.py") & {"flowkit.solvers", "flowkit.solvers_per_sample"}  # no cycle
     for module in ("likelihood.py", "config.py", "diffusion.py", "objectives/ffjord.py"):
         imported = _imports(PACKAGE / module)
         assert "flowkit.solvers" in imported, (module, imported)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "activation", "activation_derivative", "broadcast_time", "ConditionEmbedding",
-           "TimeEmbedding"]
+__all__ = ["ACTIVATIONS", "CLOSED_FORM_DERIVATIVES", "activation", "activation_derivative", "broadcast_time",
+           "image_shape", "ConditionEmbedding", "TimeEmbedding"]
 
 ACTIVATIONS = {
     "tanh": nn.Tanh, "softplus": nn.Softplus, "relu": nn.ReLU, "elu": nn.ELU,
@@ -17,14 +17,26 @@ ACTIVATIONS = {
 }
 
 
+#: activations whose derivative :func:`activation_derivative` writes out (so a network built with
+#: one can declare forward-mode divergence paths, :mod:`flowkit.fast_divergence`)
+CLOSED_FORM_DERIVATIVES = frozenset({"tanh", "softplus", "relu", "elu", "silu", "swish"})
+
+
 def activation(name: str) -> nn.Module:
+    """A fresh module of the activation ``name`` (a key of :data:`ACTIVATIONS`)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]()
 
 
-def activation_derivative(name: str, pre: Tensor, out: Tensor) -> Optional[Tensor]:
-    """``σ'(pre)`` for ``out = σ(pre)`` in closed form, or None where not written out."""
+def activation_derivative(name: str, pre: Tensor, out: Tensor) -> Tensor:
+    """``σ'(pre)`` for ``out = σ(pre)`` in closed form, for ``name`` in :data:`CLOSED_FORM_DERIVATIVES`.
+
+    Example:
+        >>> pre = torch.tensor([0.5])
+        >>> bool(torch.allclose(activation_derivative("tanh", pre, pre.tanh()), 1 - pre.tanh() ** 2))
+        True
+    """
     if name == "tanh":
         return 1 - out * out
     if name == "softplus":
@@ -36,7 +48,19 @@ def activation_derivative(name: str, pre: Tensor, out: Tensor) -> Optional[Tenso
     if name in ("silu", "swish"):
         sig = torch.sigmoid(pre)
         return sig * (1 + pre * (1 - sig))
-    return None
+    raise ValueError(f"no closed-form derivative for activation {name!r}; those with one: "
+                     f"{', '.join(sorted(CLOSED_FORM_DERIVATIVES))}")
+
+
+def image_shape(shape: Optional[Sequence[int]], dim: int, name: str) -> tuple[int, int, int]:
+    """``shape`` as an image shape ``(C, H, W)`` of ``dim`` values, or a ValueError naming the network."""
+    if shape is None or len(tuple(shape)) != 3:
+        raise ValueError(f"{name} needs an image shape (C, H, W), got {shape!r}; flowkit passes "
+                         "the dataset's shape, so use it with image data")
+    shape = tuple(int(s) for s in shape)
+    if math.prod(shape) != dim:
+        raise ValueError(f"{name}: dim {dim} does not match shape {shape} ({math.prod(shape)} values)")
+    return shape  # type: ignore[return-value]
 
 
 def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ The network is the same function with the same parameters either way; per-sample
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,9 @@ class FourierMLP(nn.Module):
         max_frequency: largest time frequency ``ω_C`` (the smallest is 0.1).
         num_classes / cond_dim: optional conditioning, embedded to ``C`` and added to ``h_0``.
     """
+
+    #: no fast divergence path: the generic estimators of :mod:`flowkit.trace`
+    divergence_paths: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, dim: int, channels: PositiveInt = 128, layers: NonNegativeInt = 3,
                  activation: Activation = "gelu", max_frequency: PositiveFloat = 100.0,

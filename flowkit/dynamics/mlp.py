@@ -5,18 +5,23 @@ appendix B): each layer is ``ConcatSquash(x, c) = (W x + b) ⊙ σ(W_g c + b_g) 
 with the context ``c = [t, embed(cond)]`` gating and shifting every hidden layer.
 ``mlp`` feeds ``[x, time features, embed(cond)]`` to a plain MLP (the flow-matching
 and score-model baseline).
+
+Fast divergence paths (:mod:`flowkit.fast_divergence`): ``concatsquash`` declares
+``jacobian`` (the Jacobian carried forward, for an activation with a closed-form
+derivative) and, with ``bottleneck=True``, ``bottleneck``; ``mlp`` declares none.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Sequence
+from typing import Annotated, ClassVar, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..components import DYNAMICS
 from ..constraints import MultipleOf, NonNegative, PositiveInt
-from .base import ConditionEmbedding, TimeEmbedding, activation, activation_derivative, broadcast_time
+from .base import CLOSED_FORM_DERIVATIVES, ConditionEmbedding, TimeEmbedding, activation_derivative, broadcast_time
+from .base import activation as activation_module
 
 __all__ = ["ConcatSquashLinear", "ConcatSquashMLP", "MLP"]
 
@@ -54,10 +59,14 @@ class ConcatSquashMLP(nn.Module):
             sinusoidal features.
         num_classes / cond_dim: optional class-label or vector condition.
         cond_embed: width of the condition embedding.
-        bottleneck: expose ``split`` after the first layer so Hutchinson's estimator
-            draws its probe there (FFJORD appendix E; lowers variance when
-            ``hidden[0] < dim``).
+        bottleneck: declare the ``bottleneck`` path (``split`` after the first layer) so
+            Hutchinson's estimator draws its probe there (FFJORD appendix E; lowers variance
+            when ``hidden[0] < dim``).
     """
+
+    #: fast divergence paths it can offer; an instance declares ``jacobian`` for an activation with a
+    #: closed-form derivative and ``bottleneck`` when built with ``bottleneck=True``
+    divergence_paths: frozenset[str] = frozenset({"jacobian", "bottleneck"})
 
     def __init__(self, dim: int, hidden: Sequence[PositiveInt] = (64, 64, 64), activation: Activation = "tanh",
                  time_features: TimeFeatures = 0, num_classes: Optional[PositiveInt] = None,
@@ -66,13 +75,15 @@ class ConcatSquashMLP(nn.Module):
         super().__init__()
         self.dim = dim
         self.bottleneck = bottleneck
+        self.divergence_paths = frozenset({"jacobian"} if activation in CLOSED_FORM_DERIVATIVES else set()) | (
+            {"bottleneck"} if bottleneck else set())
         self.time = TimeEmbedding(time_features)
         self.cond = ConditionEmbedding(num_classes, cond_dim, cond_embed)
         d_ctx = self.time.out_dim + self.cond.out_dim
         widths = [dim, *hidden, dim]
         self.layers = nn.ModuleList(
             ConcatSquashLinear(a, b, d_ctx) for a, b in zip(widths[:-1], widths[1:]))
-        self.act = _act(activation)
+        self.act = activation_module(activation)
         self.activation = activation
 
     def _context(self, t: Tensor, x: Tensor, cond: Optional[Tensor]) -> Tensor:
@@ -91,19 +102,22 @@ class ConcatSquashMLP(nn.Module):
         flat = x.flatten(1)  # images and other shapes are treated as vectors
         return self._tail(flat, self._context(t, flat, cond), 0).reshape(x.shape)
 
-    def forward_with_jacobian(self, t: Tensor, x: Tensor, cond: Optional[Tensor] = None):
+    def forward_with_jacobian(self, t: Tensor, x: Tensor, cond: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """``f(t, x)`` and its Jacobian ``J[b, i, j] = ∂f_j/∂x_i`` by forward-mode propagation.
 
         Each layer maps ``J ← (J Wᵀ) ⊙ σ(gate)`` then ``J ← J ⊙ act'(pre)``: ``D`` extra
         columns through the same matmuls, and training needs only a first-order backward
-        through them instead of a double backward through ``autograd.grad``. Returns
-        ``None`` for activations without a closed-form derivative.
+        through them instead of a double backward through ``autograd.grad``. ``x`` of any
+        event shape is treated as a vector (as in :meth:`forward`): ``J`` is ``[B, D, D]``.
+        Declared (``jacobian``) for activations with a closed-form derivative.
         """
-        if activation_derivative(self.activation, x[:1], x[:1]) is None or x.dim() != 2:
-            return None
-        ctx = self._context(t, x, cond)
-        batch, dim = x.shape
-        h = x
+        if "jacobian" not in self.divergence_paths:
+            raise ValueError(f"concatsquash: no forward Jacobian for activation {self.activation!r} (no closed-form "
+                             f"derivative); it does not declare the 'jacobian' divergence path")
+        flat = x if x.dim() == 2 else x.flatten(1)
+        ctx = self._context(t, flat, cond)
+        batch, dim = flat.shape
+        h = flat
         jac = torch.eye(dim, dtype=x.dtype, device=x.device).expand(batch, dim, dim)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -116,13 +130,14 @@ class ConcatSquashMLP(nn.Module):
                 jac = jac * activation_derivative(self.activation, pre, h).unsqueeze(1)
             else:
                 h = pre
-        return h, jac
+        return (h if x.dim() == 2 else h.reshape(x.shape)), jac
 
     def split(self, t: Tensor, x: Tensor, cond: Optional[Tensor] = None):
         """``f = g(h(x))`` with ``h`` the first layer's activations (for the bottleneck trace)."""
-        ctx = self._context(t, x, cond)
-        h = self.act(self.layers[0](x, ctx))
-        return h, lambda h_: self._tail(h_, ctx, 1)
+        flat = x.flatten(1)  # any event shape is treated as a vector, as in forward
+        ctx = self._context(t, flat, cond)
+        h = self.act(self.layers[0](flat, ctx))
+        return h, lambda h_: self._tail(h_, ctx, 1).reshape(x.shape)
 
 
 @DYNAMICS.register("mlp")
@@ -137,6 +152,9 @@ class MLP(nn.Module):
         num_classes / cond_dim / cond_embed: optional conditioning.
     """
 
+    #: no fast divergence path: the generic estimators of :mod:`flowkit.trace`
+    divergence_paths: ClassVar[frozenset[str]] = frozenset()
+
     def __init__(self, dim: int, hidden: Sequence[PositiveInt] = (64, 64, 64), activation: Activation = "silu",
                  time_features: TimeFeatures = 0, num_classes: Optional[PositiveInt] = None,
                  cond_dim: Optional[PositiveInt] = None, cond_embed: PositiveInt = 16) -> None:
@@ -147,7 +165,7 @@ class MLP(nn.Module):
         widths = [dim + self.time.out_dim + self.cond.out_dim, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(a, b), _act(activation)]
+            layers += [nn.Linear(a, b), activation_module(activation)]
         layers.append(nn.Linear(widths[-1], dim))
         self.net = nn.Sequential(*layers)
 
@@ -158,7 +176,3 @@ class MLP(nn.Module):
         if emb is not None:
             parts.append(emb)
         return self.net(torch.cat(parts, -1)).reshape(x.shape)
-
-
-def _act(name: str) -> nn.Module:
-    return activation(name)

@@ -26,8 +26,7 @@ from torch import Tensor, nn
 
 from ..components import DYNAMICS
 from ..constraints import NonEmpty, PositiveFloat, PositiveInt, Range, Rule
-from .base import ConditionEmbedding, TimeEmbedding, broadcast_time
-from .conv import _image_shape
+from .base import ConditionEmbedding, TimeEmbedding, broadcast_time, image_shape
 
 __all__ = ["UNet", "ResBlock"]
 
@@ -92,6 +91,8 @@ class UNet(nn.Module):
              "groups={groups} must divide every level's width base × mults "
              "({base} × {mults})"),
     )
+    #: no fast divergence path: the generic estimators of :mod:`flowkit.trace`
+    divergence_paths: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, dim: int, shape: Optional[Sequence[int]] = None, base: PositiveInt = 32,
                  mults: Annotated[Sequence[PositiveInt], NonEmpty()] = (1, 2, 2), blocks: PositiveInt = 1,
@@ -99,7 +100,7 @@ class UNet(nn.Module):
                  time_scale: PositiveFloat = 1000.0, num_classes: Optional[PositiveInt] = None,
                  cond_dim: Optional[PositiveInt] = None, channels_last: bool = False) -> None:
         super().__init__()
-        self.shape = _image_shape(shape, dim, "unet")
+        self.shape = image_shape(shape, dim, "unet")
         if not mults or blocks < 1:
             raise ValueError("unet: mults needs at least one level and blocks must be >= 1")
         widths = [base * m for m in mults]

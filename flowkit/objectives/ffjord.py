@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from ..components import OBJECTIVES
 from ..constraints import DropProbability, NonNegativeFloat, PositiveFloat, PositiveInt, Rule
-from ..trace import sample_probe
+from ..fast_divergence import PATHS, FieldWrapper, declared_paths
 from ..flow import Flow, StandardNormal
-from ..likelihood import AugmentedDynamics, _probe_template
-from ..solvers import CountingField, ODEMethod, SolverSpec, StepCount, Tolerance, fixed_step_needs_steps, odeint
+from ..likelihood import integrate_augmented
+from ..solvers import ODEMethod, SolverSpec, StepCount, Tolerance, fixed_step_needs_steps
 from .base import DynamicsFactory, LossOutput, Objective, drop_condition
 
 __all__ = ["FFJORD", "TimeScaledField"]
@@ -62,13 +62,19 @@ def _compiled(field: nn.Module, method: str, mode: str):
     return cache[key]
 
 
-class TimeScaledField(nn.Module):
-    """``T · f(T s, x)`` on ``s ∈ [0, 1]`` with ``T = exp(log_T)`` (learnable or fixed)."""
+class TimeScaledField(FieldWrapper):
+    """``T · f(T s, x)`` on ``s ∈ [0, 1]`` with ``T = exp(log_T)`` (learnable or fixed).
+
+    A :class:`~flowkit.fast_divergence.FieldWrapper`: the network's declared fast divergence
+    paths are carried (all three: the map of the output is the scalar ``T``), the forward-mode
+    ones compiled with ``compile`` while training.
+    """
+
+    carries = frozenset(PATHS)
 
     def __init__(self, field: nn.Module, end_time: float, learn: bool,
                  compile: Optional[CompileMode] = False) -> None:
-        super().__init__()
-        self.field = field
+        super().__init__(field)
         self.compile_mode = _compile_mode(compile)
         log_t = torch.tensor(math.log(end_time))
         if learn:
@@ -80,38 +86,14 @@ class TimeScaledField(nn.Module):
     def end_time(self) -> Tensor:
         return self.log_end_time.exp()
 
-    @property
-    def bottleneck(self) -> bool:
-        return bool(getattr(self.field, "bottleneck", False))
-
-    def forward(self, s: Tensor, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+    def enter(self, s: Tensor, x: Tensor):
         scale = self.end_time.to(x.dtype)
-        return scale * self.field(s * scale, x, cond)
+        return s * scale, x, lambda f: scale * f
 
-    def forward_with_jacobian(self, s: Tensor, x: Tensor, cond: Optional[Tensor] = None):
-        inner = getattr(self.field, "forward_with_jacobian", None)
-        if inner is None:
-            return None
-        if self.compile_mode and self.training:
-            inner = _compiled(self.field, "forward_with_jacobian", self.compile_mode)
-        scale = self.end_time.to(x.dtype)
-        out = inner(s * scale, x, cond)
-        return None if out is None else (scale * out[0], scale * out[1])
-
-    def forward_with_jvp(self, s: Tensor, x: Tensor, v: Tensor, cond: Optional[Tensor] = None):
-        inner = getattr(self.field, "forward_with_jvp", None)
-        if inner is None:
-            return None
-        if self.compile_mode and self.training:
-            inner = _compiled(self.field, "forward_with_jvp", self.compile_mode)
-        scale = self.end_time.to(x.dtype)
-        out = inner(s * scale, x, v, cond)
-        return None if out is None else (scale * out[0], scale * out[1])
-
-    def split(self, s: Tensor, x: Tensor, cond: Optional[Tensor] = None):
-        scale = self.end_time.to(x.dtype)
-        h, g = self.field.split(s * scale, x, cond)
-        return h, lambda h_: scale * g(h_)
+    def method(self, path: str):
+        if path != "bottleneck" and self.compile_mode and self.training:
+            return _compiled(self.field, PATHS[path], self.compile_mode)
+        return super().method(path)
 
 
 @OBJECTIVES.register("ffjord")
@@ -138,10 +120,11 @@ class FFJORD(Objective):
             compilation of ~30 s, then about half the time per function evaluation on CPU
             for the toy model); ``reduce-overhead``: the same, replayed as CUDA graphs on
             a GPU (launch-bound models; equal to ``default`` on CPU); ``max-autotune``:
-            with kernel autotuning. Fields without a forward-mode method run eagerly.
+            with kernel autotuning. Networks that declare no forward-mode path (``jacobian``,
+            ``jvp``; :mod:`flowkit.fast_divergence`) run eagerly.
         multiscale: FFJORD's multiscale image CNF (appendix D): ``blocks`` networks per
             scale, squeeze and factor-out expressed as blocks that move only their scale's
-            coordinates (:func:`flowkit.dynamics.conv.multiscale_fields`).
+            coordinates (:func:`flowkit.dynamics.multiscale.multiscale_fields`).
         n_scales: number of scales (default: as many as the image allows, 3 for MNIST).
     """
 
@@ -168,12 +151,14 @@ class FFJORD(Objective):
             raise ValueError("end_time must be positive")
         compile_mode = _compile_mode(compile)  # a wrong mode fails here, before anything is built
         if multiscale:
-            from ..dynamics.conv import multiscale_fields
+            from ..dynamics.multiscale import multiscale_fields
 
             nets = multiscale_fields(dynamics, self.shape, blocks, n_scales)
         else:
             nets = [dynamics() for _ in range(blocks)]
         self.blocks = nn.ModuleList(TimeScaledField(n, end_time, learn_end_time, compile_mode) for n in nets)
+        for block in self.blocks:  # a network's declared fast divergence paths must exist: fail here, not in training
+            declared_paths(block)
         self.divergence, self.noise = divergence, noise
         self.solver = solver
         self.kinetic, self.jacobian = kinetic, jacobian
@@ -188,36 +173,22 @@ class FFJORD(Objective):
     def loss(self, x: Tensor, cond: Optional[Tensor] = None) -> LossOutput:
         cond = drop_condition(cond, self.cond_dropout) if self.training else cond
         regularise = bool(self.kinetic or self.jacobian)
-        counters = []
-        state = None
-        dim = x[0].numel()
-        for block in self.blocks:
-            probe = None
-            if self.divergence == "hutchinson":
-                probe = sample_probe(_probe_template(block, x, cond), self.noise)
-            aug = AugmentedDynamics(block, self.shape, estimator=self.divergence, probe=probe,
-                                    cond=cond, regularise=regularise, create_graph=True)
-            state = aug.initial_state(x) if state is None else state
-            counted = CountingField(aug)
-            counters.append(counted)
-            sol = odeint(counted, state, [0.0, 1.0], self.solver,
-                         adjoint_params=tuple(block.parameters()) if self.solver.adjoint else None)
-            state = sol.ys[-1]
-        z = state[:, :dim].reshape(x.shape)
-        log_prob = self.prior.log_prob(z) + state[:, dim]
+        sol = integrate_augmented(self.flow().segments(), x, cond=cond, estimator=self.divergence, noise=self.noise,
+                                  solver=self.solver, regularise=regularise, create_graph=True)
+        log_prob = self.prior.log_prob(sol.z) + sol.delta
         nll = -log_prob.mean()
         loss = nll
-        forward_nfe = sum(c.nfe for c in counters)
+        forward_nfe = sol.nfe
         metrics = {"nll": nll.item(), "nfe": float(forward_nfe),
                    "end_time": float(sum(b.end_time.item() for b in self.blocks))}
         if regularise:
-            kinetic = state[:, dim + 1].mean()
-            jac = state[:, dim + 2].mean()
+            kinetic = sol.kinetic.mean()
+            jac = sol.jacobian_norm.mean()
             loss = loss + self.kinetic * kinetic + self.jacobian * jac
             metrics.update(kinetic=kinetic.item(), jacobian=jac.item())
 
         def backward_nfe() -> dict[str, float]:
-            total = sum(c.nfe for c in counters)
+            total = sol.evaluations()
             return {"nfe_backward": float(total - forward_nfe) if self.solver.adjoint else float(forward_nfe)}
 
         return LossOutput(loss, metrics, backward_nfe)
