@@ -29,7 +29,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ from .likelihood import Likelihood, check_data, log_likelihood
 from .paths import GaussianPath
 from .solvers import SolverSpec
 
-__all__ = ["probability_flow_field", "xt_score_to_field", "flow_from_score", "score_log_likelihood"]
+__all__ = ["probability_flow_field", "xt_score_to_field", "flow_from_score", "flow_from_velocity", "score_log_likelihood"]
 
 
 def _call(fn: Callable[..., Tensor], t: Tensor, x: Tensor, cond: Optional[Tensor]) -> Tensor:
@@ -63,6 +63,10 @@ def probability_flow_field(score_fn: Field, path: GaussianPath) -> Field:
     """
 
     def velocity(t: Tensor, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        # where α_t = 0 the score is −x/σ² for any data and fixes no velocity: score and
+        # coefficients both at conversion_time(t) (t itself wherever α_t > 0)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        t = torch.where(path.alpha(t) <= torch.finfo(t.dtype).eps, path.conversion_time(t), t)
         return path.velocity_from_score(_call(score_fn, t, x, cond), t, x)
 
     return velocity
@@ -118,6 +122,36 @@ def flow_from_score(score_fn: Field, path: GaussianPath, shape: tuple[int, ...] 
                 prior=path.prior(shape) if prior is None else prior,
                 t0=path.t0, t1=path.t1, score=score, drift=drift, diffusion=path.diffusion,
                 denoise=denoise, path=path)
+
+
+def flow_from_velocity(velocity: Callable[..., Tensor], path: GaussianPath, shape: Sequence[int],
+                       **parts: Any) -> Flow:
+    r"""The :class:`~flowkit.flow.Flow` of a velocity model ``v(t, x, cond)`` on a Gaussian path.
+
+    The path turns the velocity into the other parameterisations (:mod:`flowkit.paths`): the
+    score ``∇ log p_t = path.score_from_velocity(v)``, Tweedie's denoiser
+    ``E[x_data | x_t] = path.x0_from_velocity(v)``, and the forward SDE ``f(t) x dt + g(t) dw``
+    whose marginals the flow shares. ``parts`` adds further :class:`~flowkit.flow.Flow` fields
+    (``flow_map=...``).
+
+    Example:
+        >>> from flowkit.paths import CondOT
+        >>> flow = flow_from_velocity(lambda t, x, cond=None: torch.zeros_like(x), CondOT(), (2,))
+        >>> flow.path is not None and flow.score is not None
+        True
+    """
+
+    def score(t: Tensor, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return path.score_from_velocity(velocity(t, x, cond), t, x)
+
+    def denoise(t: Tensor, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return path.x0_from_velocity(velocity(t, x, cond), t, x)
+
+    def drift(t: Tensor, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        return path.drift(t, x)
+
+    return Flow(velocity=velocity, prior=path.prior(tuple(shape)), t0=float(path.t0), t1=float(path.t1),
+                score=score, drift=drift, diffusion=path.diffusion, denoise=denoise, path=path, **parts)
 
 
 def score_log_likelihood(

@@ -41,10 +41,17 @@ since then the covariance obeys ``dΣ/dt = 2 f Σ + g² I`` (the moment equation
 linear SDE; Särkkä & Solin 2019, ch. 6), solved by ``Σ_t = α_t² Σ_0 + σ_t² I``. Song et
 al.'s VE, VP and sub-VP SDEs (eqs. 9 and 11, sub-VP in their Sec. 3.4) are such paths.
 Paths with ``α_{t1} = 0`` (:class:`CondOT`, :class:`Cosine`, :class:`Polynomial`) have
-``f, g → ∞`` at ``t1``: the methods that divide by ``α`` (or by ``σ`` where
-``σ_{t0} = 0``) evaluate the schedule at ``t`` clamped to ``[EDGE, 1 − EDGE]``
-(``EDGE = 1e-5``), and SDE samplers on them need ``t1`` a little below 1, e.g.
-``t1=0.999`` (a constructor argument); ODE samplers and likelihoods are unaffected.
+``f, g → ∞`` at ``t1``: ``f``, ``g`` and the maps that divide by ``σ`` where ``σ_{t0} = 0``
+evaluate the schedule at ``t`` clamped to ``[EDGE, 1 − EDGE]`` (``EDGE = 1e-5``), and SDE
+samplers on them need ``t1`` a little below 1, e.g. ``t1=0.999`` (a constructor argument).
+The maps that divide by ``α`` (``x0_from_eps``, ``x0_from_score``, ``velocity_from_eps``,
+``velocity_from_score``) take their coefficients at ``t`` itself, the time the model was
+evaluated at, wherever ``α_t > 0`` (above rounding): the coefficients of one time with a model output of
+another are wrong by ``O(1)``, not ``O(EDGE)``, near ``α = 0`` (the numerator
+``α̇ x_t − σ D s = α α̇ x̂₀`` is itself ``O(α)``). Only where ``α_t = 0`` — where the score is
+``−x/σ²`` whatever the data and determines neither ``x̂₀`` nor ``v`` — do they use
+:meth:`GaussianPath.conversion_time`, and the model output must then come from that time
+too (:func:`flowkit.diffusion.probability_flow_field` evaluates the score there).
 
 So a diffusion's SDE and a flow-matching path are one type with one registry,
 :data:`flowkit.components.PATHS`: every registered path serves score matching
@@ -199,7 +206,7 @@ class GaussianPath:
 
     def x0_from_eps(self, eps: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
         """``x̂₀ = (x_t − σ_t ε̂) / α_t``."""
-        c = self._coefficients(t, x_t)
+        c = self._over_alpha(t, x_t)
         return (x_t - c.sigma * eps) / c.alpha
 
     def eps_from_x0(self, x0: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
@@ -209,7 +216,7 @@ class GaussianPath:
 
     def x0_from_score(self, score: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
         """Tweedie's formula ``E[x_data | x_t] = (x_t + σ_t² s) / α_t`` (Efron 2011)."""
-        c = self._coefficients(t, x_t)
+        c = self._over_alpha(t, x_t)
         return (x_t + c.sigma**2 * score) / c.alpha
 
     def score_from_x0(self, x0: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
@@ -228,8 +235,11 @@ class GaussianPath:
         the second form by substituting ``x_t = α x̂₀ + σ ε̂`` and ``s = −ε̂/σ``: the PF-ODE
         of a diffusion is the conditional flow-matching velocity ``E[α̇ x₀ + σ̇ ε | x_t]``
         (Lipman et al. 2023, Thm. 1).
+
+        ``score`` must be the score at ``t`` — or, where ``α_t = 0``, at
+        :meth:`conversion_time` ``(t)``, whose coefficients are then used (module docstring).
         """
-        c = self._coefficients(t, x_t)
+        c = self._over_alpha(t, x_t)
         return (c.d_alpha * x_t - c.sigma * c.det * score) / c.alpha
 
     def score_from_velocity(self, velocity: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
@@ -244,7 +254,7 @@ class GaussianPath:
 
     def velocity_from_eps(self, eps: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
         """``v = α̇ x̂₀ + σ̇ ε̂ = (α̇ x_t + D ε̂) / α``."""
-        c = self._coefficients(t, x_t)
+        c = self._over_alpha(t, x_t)
         return (c.d_alpha * x_t + c.det * eps) / c.alpha
 
     def eps_from_velocity(self, velocity: Tensor, t: Tensor | float, x_t: Tensor) -> Tensor:
@@ -262,7 +272,27 @@ class GaussianPath:
         c = self._coefficients(t, x_t)
         return (c.d_sigma * x_t - c.sigma * velocity) / c.det
 
+    def conversion_time(self, t: Tensor | float) -> Tensor:
+        """``t`` clamped to ``safe_range``: the time at which to evaluate a model whose output
+        is converted by a map that divides by ``α`` where ``α_t = 0`` (see the module docstring).
+
+        Example:
+            >>> one = torch.tensor(1.0, dtype=torch.float64)
+            >>> float(CondOT().conversion_time(one)), float(VP().conversion_time(one))
+            (0.99999, 1.0)
+        """
+        return self._clamp(_as_tensor(t))
+
     # -- helpers -----------------------------------------------------------------------
+    def _over_alpha(self, t: Tensor | float, x: Tensor) -> PathCoefficients:
+        """Coefficients for a map that divides by ``α``: at ``t`` itself where ``α_t > 0``, at
+        :meth:`conversion_time` where ``α_t = 0`` (to rounding: ``α_t ≤`` the dtype's epsilon, as
+        ``cos(π/2)`` is)."""
+        t = _as_tensor(t, x)
+        t = torch.where(self.alpha(t) <= torch.finfo(t.dtype).eps, self._clamp(t), t)
+        c = self.schedule(t)
+        return PathCoefficients(*(_broadcast(v, x) for v in (c.alpha, c.sigma, c.d_alpha, c.d_sigma)))
+
     def _clamp(self, t: Tensor) -> Tensor:
         lo, hi = self.safe_range
         if math.isinf(lo) and math.isinf(hi):

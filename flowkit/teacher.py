@@ -67,10 +67,10 @@ from .rundir import LaunchError, launcher_processes
 #: ``train(recipe, run_dir, *, source, progress, log)``: :func:`flowkit.trainer.train`
 TrainFunction = Callable[..., Any]
 
-__all__ = ["attach_teacher", "flow_transport", "load_teacher", "LazyTeacher"]
+__all__ = ["attach_teacher", "flow_transport", "FlowTransport", "load_teacher", "LazyTeacher"]
 
 
-def flow_transport(flow: Flow, spec: TeacherSpec, *, conditional: bool = False) -> TeacherMap:
+def flow_transport(flow: Flow, spec: TeacherSpec, *, conditional: bool = False) -> "FlowTransport":
     """The map ``noise, cond -> data`` of ``flow``'s ODE with ``spec``'s solver.
 
     ``noise`` is scaled by the prior's standard deviation (``flow.prior.std`` where the
@@ -83,16 +83,30 @@ def flow_transport(flow: Flow, spec: TeacherSpec, *, conditional: bool = False) 
             ``None``).
 
     Returns:
-        The map, returning detached samples shaped like ``noise``.
+        The map (a :class:`FlowTransport`), returning detached samples shaped like ``noise``.
     """
-    std = getattr(flow.prior, "std", 1.0)
+    return FlowTransport(flow, spec, conditional=conditional)
 
-    def transport(noise: Tensor, cond: Optional[Tensor] = None) -> Tensor:
-        res = integrate_flow(flow, noise * std, solver=spec.solver, cond=cond if conditional else None,
-                             guidance=spec.guidance)
+
+class FlowTransport:
+    """The map ``noise, cond -> data`` of a built flow (:func:`flow_transport`).
+
+    Also hands over the flow itself (:meth:`teacher_flow`) to objectives that step the
+    teacher's ODE themselves (consistency distillation).
+    """
+
+    def __init__(self, flow: Flow, spec: TeacherSpec, *, conditional: bool = False) -> None:
+        self.flow, self.spec, self.conditional = flow, spec, conditional
+
+    def __call__(self, noise: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        std = getattr(self.flow.prior, "std", 1.0)
+        res = integrate_flow(self.flow, noise * std, solver=self.spec.solver,
+                             cond=cond if self.conditional else None, guidance=self.spec.guidance)
         return res.x.detach()
 
-    return transport
+    def teacher_flow(self, device: torch.device) -> tuple[Flow, bool]:
+        """The teacher's flow and whether it takes the batch's condition."""
+        return self.flow, self.conditional
 
 
 def attach_teacher(objective: Any, flow: Optional[Flow] = None, *, conditional: bool = False,
@@ -141,6 +155,14 @@ class LazyTeacher:
         if self._built is None:
             self._built = load_teacher(self.spec.source, train_steps=self.spec.train_steps, train=self.train)
         return self._built
+
+    def teacher_flow(self, device: torch.device) -> tuple[Flow, bool]:
+        """The loaded teacher's flow on ``device`` and whether it takes the batch's condition."""
+        built = self.load()
+        model = built.objective
+        if next(iter(model.parameters()), torch.empty(0)).device != torch.device(device):
+            model.to(device)
+        return model.flow(), built.conditional
 
     def __call__(self, noise: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         built = self.load()

@@ -254,6 +254,45 @@ def test_singular_ends_are_clamped_not_nan(path: GaussianPath):
     assert EDGE == path.safe_range[0] and path.safe_range[1] == 1 - EDGE
 
 
+@pytest.mark.parametrize("path", [CondOT(), Cosine(), Polynomial()], ids=["cond_ot", "cosine", "polynomial"])
+def test_conversions_near_alpha_zero_use_the_models_own_time(path: GaussianPath):
+    """Within EDGE of ``α = 0`` the maps that divide by ``α`` must take their coefficients at the
+    time the score was evaluated at. Data ``N(μ, s² I)``: ``p_t = N(α μ, (α² s² + σ²) I)``, so
+    ``s_t(x) = −(x − α μ)/V_t``, ``x̂₀ = μ + α s² (x − α μ)/V_t`` and ``v = α̇ x̂₀ + σ̇ ε̂``
+    with ``ε̂ = σ (x − α μ)/V_t``. (Coefficients at ``1 − EDGE`` with the score at ``t`` were
+    wrong by O(1) here: on cond_ot at ``t = 1`` they gave ``v = −x`` for ``x − μ``.)"""
+    mu, s2 = torch.tensor([1.5, -0.5], dtype=F64), 0.3
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def closed_form(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = path.schedule(t)
+        var = c.alpha**2 * s2 + c.sigma**2
+        white = (x - c.alpha * mu) / var
+        x0 = mu + c.alpha * s2 * white
+        return -white, x0, c.d_alpha * x0 + c.d_sigma * c.sigma * white  # score, x̂₀, v
+
+    for t in (1 - EDGE / 4, 1 - EDGE / 2, 1 - 0.9 * EDGE):
+        tt = torch.tensor(t, dtype=F64)
+        score, x0, v = closed_form(tt)
+        # the numerator is O(α) out of O(1) terms: float64 rounding / α (α ≈ 6e-12 on polynomial)
+        tol = 1e-6 + 1e-14 / float(path.alpha(tt))
+        torch.testing.assert_close(path.velocity_from_score(score, tt, x), v, rtol=tol, atol=tol)
+        torch.testing.assert_close(path.x0_from_score(score, tt, x), x0, rtol=tol, atol=tol)
+        eps = -path.sigma(tt) * score
+        torch.testing.assert_close(path.velocity_from_eps(eps, tt, x), v, rtol=tol, atol=tol)
+        torch.testing.assert_close(path.x0_from_eps(eps, tt, x), x0, rtol=tol, atol=tol)
+    # at α = 0 itself the score is −x/σ² whatever μ: the model is evaluated at conversion_time,
+    # and the velocity is the one there, within O(EDGE) of the limit at t1
+    one = torch.tensor(1.0, dtype=F64)
+    tc = path.conversion_time(one)
+    assert float(path.alpha(one)) < 1e-15 and float(tc) < 1
+    score_c, _, v_c = closed_form(tc)
+    torch.testing.assert_close(path.velocity_from_score(score_c, one, x), v_c, rtol=1e-6, atol=1e-6)
+    _, x0_1, _ = closed_form(one)
+    v_1 = path.d_alpha(one) * mu + path.d_sigma(one) * x  # α = 0, σ = 1: x̂₀ = μ, ε̂ = x
+    assert torch.allclose(x0_1, mu.expand_as(x)) and float((v_c - v_1).abs().max()) < 1e-3
+
+
 def test_invalid_arguments_raise():
     with pytest.raises(ValueError):
         VP(beta_min=5.0, beta_max=1.0)
@@ -263,3 +302,22 @@ def test_invalid_arguments_raise():
         CondOT(t1=1.5)
     with pytest.raises(ValueError):
         Polynomial(exponent=0.0)
+
+
+def test_probability_flow_velocity_of_a_score_model_is_right_where_alpha_vanishes():
+    """On cond_ot at t = 1 (α = 0) the score is −x/σ² for any data; the PF-ODE velocity must come
+    from the score at the path's conversion time, not the coefficients of one time and the score
+    of another (that gave −x instead of x − μ)."""
+    from flowkit.diffusion import probability_flow_field
+    from flowkit.paths import CondOT
+
+    path = CondOT()
+    mu = torch.tensor([1.5, -0.5], dtype=torch.float64)
+
+    def score(t, x, cond=None):  # data N(μ, 0): x_t = α μ + σ ε, so the exact score is −(x − α μ)/σ²
+        t = torch.as_tensor(t, dtype=x.dtype)
+        return -(x - path.alpha(t) * mu) / path.sigma(t) ** 2
+
+    x = torch.randn(5, 2, dtype=torch.float64)
+    v = probability_flow_field(score, path)(torch.tensor(1.0, dtype=torch.float64), x)
+    assert torch.allclose(v, x - mu, atol=1e-4), (v, x - mu)

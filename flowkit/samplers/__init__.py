@@ -4,6 +4,6 @@ The ODE solver they use is not a sampler: it lives below them, in :mod:`flowkit.
 """
 
 from .base import FLOW_PARTS, SampleResult, declare
-from . import ode_samplers, sde  # noqa: F401  (register the samplers)
+from . import flow_map, ode_samplers, sde, semilinear  # noqa: F401  (register the samplers)
 
 __all__ = ["SampleResult", "FLOW_PARTS", "declare"]

@@ -20,25 +20,34 @@ FLOW_PARTS = ("velocity", "score", "drift", "diffusion", "denoise", "path", "flo
 F = TypeVar("F", bound=Callable)
 
 
-def declare(*, needs: Iterable[str], argument_rules: Sequence[Rule] = ()) -> Callable[[F], F]:
-    """Declare what a sampler needs from a flow and which argument combinations it refuses.
+def declare(*, needs: Iterable[str], argument_rules: Sequence[Rule] = (),
+            order: Optional[int] = None) -> Callable[[F], F]:
+    """Declare what a sampler needs from a flow, which argument combinations it refuses and,
+    for a deterministic fixed-step solver, its order of convergence.
 
-    Sets ``sampler.needs`` (a frozenset of :data:`FLOW_PARTS`) and ``sampler.argument_rules``.
+    Sets ``sampler.needs`` (a frozenset of :data:`FLOW_PARTS`), ``sampler.argument_rules`` and
+    ``sampler.order``: the ``p`` with endpoint error ``O(steps^-p)`` on a smooth problem
+    (halving the step divides the error by ``≈ 2^p``), or ``None`` where no such order is
+    declared (adaptive and stochastic samplers, and the fixed-step ODE samplers, whose order is
+    their method's in :data:`flowkit.solvers.METHODS`).
 
     Example:
         >>> @declare(needs=("score", "drift", "diffusion"))
         ... def my_sampler(flow, x, *, cond=None, steps: int = 10): ...
-        >>> sorted(my_sampler.needs)
-        ['diffusion', 'drift', 'score']
+        >>> sorted(my_sampler.needs), my_sampler.order
+        (['diffusion', 'drift', 'score'], None)
     """
     parts = frozenset(needs)
     unknown = parts - set(FLOW_PARTS)
     if unknown:
         raise ValueError(f"unknown flow parts {sorted(unknown)}; choose from {', '.join(FLOW_PARTS)}")
+    if order is not None and (isinstance(order, bool) or int(order) != order or order < 1):
+        raise ValueError(f"order must be an integer >= 1 or None, got {order!r}")
 
     def mark(fn: F) -> F:
         fn.needs = parts  # type: ignore[attr-defined]
         fn.argument_rules = tuple(argument_rules)  # type: ignore[attr-defined]
+        fn.order = None if order is None else int(order)  # type: ignore[attr-defined]
         return fn
 
     return mark
