@@ -9,6 +9,14 @@ a continuous density on ``x`` lower-bounds the discrete log-likelihood, reported
 log-determinant ``Σ log((1 − 2λ) / (s (1 − s)))`` with ``s = sigmoid(y)`` is added back
 through :meth:`Dataset.model_log_det`, so bits/dim always refer to the original data.
 
+**Dynamic binarisation** (``binarize: true``; Salakhutdinov & Murray 2008, the binarised-MNIST
+protocol of the VAE literature — Burda et al. 2016, Grathwohl et al. 2019 Table 2): every
+training batch draws ``x ~ Bernoulli(k / (K − 1))`` afresh from the pixel intensities, so the
+model sees a new binary image each time; the test set is binarised once, from its seed. The
+data are then discrete binary vectors (``log_scale = 0``): a model's NLL is in nats of a
+discrete distribution and bits/dim are ``nll / (D ln 2)``. It excludes the logit transform
+(declared as an argument rule, so ``flowkit check`` refuses the pair).
+
 Everything here works offline from local files; a hub name fails at once when the hub is
 unreachable, saying how to point the recipe at local files.
 
@@ -38,11 +46,11 @@ import torch
 from torch import Tensor
 
 from .components import DATASETS
-from .constraints import PositiveInt, Range
+from .constraints import PositiveInt, Range, Rule
 from .data import DataError, Dataset, check_declared
 
 __all__ = ["QuantisedImages", "Digits", "HFDataset", "TabularArrays", "DataUnavailable",
-           "dequantise", "logit_transform", "load_maf"]
+           "dequantise", "binarise", "binarize_excludes_logit", "logit_transform", "load_maf"]
 
 
 class DataUnavailable(DataError):
@@ -53,6 +61,25 @@ class DataUnavailable(DataError):
 Fraction = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]
 #: the logit transform's λ: in (0, 1/2), so that ``λ + (1 − 2λ) x`` stays inside (0, 1)
 LogitAlpha = Annotated[float, Range(0, 0.5, lo_open=True, hi_open=True)]
+
+
+#: declared by the image datasets: binarised images are not dequantised, so they take no logit transform
+binarize_excludes_logit = Rule(
+    ("binarize", "logit"), lambda a: not (a["binarize"] and a["logit"]),
+    "binarised images are binary, and the logit transform needs continuous ones; set logit: false "
+    "(or binarize: false for dequantised, continuous images)")
+
+
+def binarise(k: Tensor, levels: int, generator: Optional[torch.Generator]) -> Tensor:
+    """``x ~ Bernoulli(k / (levels − 1))`` per pixel (dynamic binarisation), drawn from ``generator``.
+
+    Example:
+        >>> x = binarise(torch.tensor([[0, 16, 8]]), 17, torch.Generator().manual_seed(0))
+        >>> x[0, :2].tolist()  # intensity 0 is always 0, full intensity always 1
+        [0.0, 1.0]
+    """
+    p = k.float() / (levels - 1)
+    return torch.bernoulli(p, generator=generator)
 
 
 def dequantise(k: Tensor, levels: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -77,27 +104,36 @@ def _logit_log_det(y: Tensor, alpha: float) -> Tensor:
 class QuantisedImages(Dataset):
     """Images stored as integers in ``[0, levels)``, shape ``[N, C, H, W]``, with labels.
 
-    ``train_batch`` draws images with replacement and fresh dequantisation noise from the
-    caller's generator (so a resumed run is identical); ``test_set`` takes the first ``n``
-    test images with noise from ``seed``.
+    ``train_batch`` draws images with replacement and fresh dequantisation noise — or, with
+    ``binarize``, a fresh Bernoulli draw of every pixel — from the caller's generator (so a
+    resumed run is identical); ``test_set`` takes the first ``n`` test images with noise (or the
+    binarisation) from ``seed``.
     """
 
     discrete = True
 
     def __init__(self, train: Tensor, test: Tensor, levels: int, train_labels: Optional[Tensor] = None,
                  test_labels: Optional[Tensor] = None, logit: bool = False, alpha: float = 1e-6,
-                 num_classes: Optional[int] = None) -> None:
+                 num_classes: Optional[int] = None, binarize: bool = False) -> None:
         if train.dim() != 4:
             raise ValueError(f"images must be [N, C, H, W], got {tuple(train.shape)}")
+        if not isinstance(binarize, bool):
+            raise DataError(f"data.binarize: expected true or false, got {binarize!r}")
+        found = binarize_excludes_logit.check({"binarize": binarize, "logit": logit})
+        if found is not None:
+            raise DataError(f"data.{found[0]}: {found[1]}")
         self.train, self.test = train, test
         self.train_labels, self.test_labels = train_labels, test_labels
         self.levels = levels
         self.shape = tuple(train.shape[1:])
-        self.log_scale = math.log(levels)
+        self.log_scale = 0.0 if binarize else math.log(levels)
         self.logit, self.alpha = logit, alpha
         self.num_classes = num_classes
+        self.binarize = binarize
 
     def _to_model(self, k: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        if self.binarize:
+            return binarise(k, self.levels, generator)
         x = dequantise(k, self.levels, generator)
         return logit_transform(x, self.alpha)[0] if self.logit else x
 
@@ -129,10 +165,15 @@ class Digits(QuantisedImages):
         test_fraction: share of images held out (a fixed split, seeded).
         logit: apply the logit transform (see module docstring).
         alpha: the logit transform's λ.
+        binarize: dynamically binarised images (``Bernoulli(k / 16)`` drawn afresh for every
+            batch) instead of dequantised ones: the data of a Bernoulli VAE decoder.
     """
 
+    argument_rules = (binarize_excludes_logit,)
+
     @check_declared
-    def __init__(self, test_fraction: Fraction = 0.2, logit: bool = False, alpha: LogitAlpha = 1e-6) -> None:
+    def __init__(self, test_fraction: Fraction = 0.2, logit: bool = False, alpha: LogitAlpha = 1e-6,
+                 binarize: bool = False) -> None:
         try:
             from sklearn.datasets import load_digits
         except ImportError:  # pragma: no cover
@@ -147,7 +188,7 @@ class Digits(QuantisedImages):
                             "choose a fraction that leaves images on both sides")
         test, train = perm[:n_test], perm[n_test:]
         super().__init__(images[train], images[test], levels=17, train_labels=labels[train],
-                         test_labels=labels[test], logit=logit, alpha=alpha, num_classes=10)
+                         test_labels=labels[test], logit=logit, alpha=alpha, num_classes=10, binarize=binarize)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -559,6 +600,8 @@ class HFDataset(Dataset):
         label_column: optional class-label column (used as the condition).
         kind: ``image`` or ``tabular`` (``auto`` looks at the column's type).
         logit, alpha: logit transform of images.
+        binarize: dynamically binarised images (a fresh ``Bernoulli(k / 255)`` draw per batch;
+            images only, not with ``logit``), e.g. binarised MNIST for a Bernoulli VAE decoder.
         standardise: tables are standardised with the training mean and std.
         test_fraction: share of rows held out where the data have no test split.
         limit: keep at most this many training rows (quick experiments).
@@ -569,12 +612,14 @@ class HFDataset(Dataset):
             row and column.
     """
 
+    argument_rules = (binarize_excludes_logit,)
+
     @check_declared
     def __init__(self, path: str, split: str = "train", test_split: Optional[str] = "test",
                  column: Optional[Union[str, list[str]]] = None, label_column: Optional[str] = None,
                  kind: Literal["auto", "image", "tabular"] = "auto", logit: bool = False,
                  alpha: LogitAlpha = 1e-6, standardise: bool = True, test_fraction: Fraction = 0.1,
-                 limit: Optional[PositiveInt] = None) -> None:
+                 limit: Optional[PositiveInt] = None, binarize: bool = False) -> None:
         if isinstance(column, list) and (not column or not all(isinstance(c, str) for c in column)):
             raise DataError(f"data.column: expected a column name or a non-empty list of names, got {column!r}")
         if test_split is not None and test_split == split:
@@ -587,6 +632,9 @@ class HFDataset(Dataset):
                 raise DataError(f"{table.source}: data.path: no data rows{header}; add rows or point data.path "
                                 "at the data")
         self.kind = _guess_kind(train, column) if kind == "auto" else kind
+        if binarize and self.kind != "image":
+            raise DataError(f"{train.source}: data.binarize: binarisation is for images, but the data are a "
+                            "table (data.kind: tabular); remove data.binarize")
         if self.kind == "image":
             col = _image_column(train, column)
             x, size = _images(train, col)
@@ -612,7 +660,8 @@ class HFDataset(Dataset):
             self.num_classes = len(names) if names else int(max(y.max(), y_test.max())) + 1
         labels = (None if y is None else torch.as_tensor(y), None if y_test is None else torch.as_tensor(y_test))
         if self.kind == "image":
-            self._images = QuantisedImages(x, x_test, 256, labels[0], labels[1], logit, alpha, self.num_classes)
+            self._images = QuantisedImages(x, x_test, 256, labels[0], labels[1], logit, alpha, self.num_classes,
+                                           binarize=binarize)
             self.shape, self.discrete, self.log_scale = self._images.shape, True, self._images.log_scale
             return
         self._images = None
