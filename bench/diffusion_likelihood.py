@@ -1,30 +1,46 @@
 """Likelihood of a diffusion model as a CNF: speed, NFE and error against a closed form.
 
-A VP-SDE "model" whose score is the *exact* marginal score of a Gaussian mixture
-(:func:`flowkit.gmm.mixture_score_field`) has an exactly known PF-ODE likelihood:
-``log p_{t0}(x)``, the mixture carried to ``t0``. With the exact marginal ``p_{t1}`` as the
-prior, every error is the ODE solver's (exact trace) or the solver's plus Hutchinson's
-estimator noise. Problems: flowkit's ``gmm`` dataset (4 full-covariance components, seed 0) in
-2 and 8 dimensions, ``N`` points drawn from ``p_{t0}``; dopri5 at ``rtol = atol = 1e-5``.
+A VP-SDE "model" whose score is the *exact* marginal score of a Gaussian mixture has an
+exactly known PF-ODE likelihood: ``log p_{t0}(x)``, the mixture carried to ``t0``. With the
+exact marginal ``p_{t1}`` as the prior, every error is the ODE solver's (exact trace) or the
+solver's plus Hutchinson's estimator noise. Problems: flowkit's ``gmm`` dataset (4
+full-covariance components, seed 0) in 2 and 8 dimensions, ``N`` points drawn from ``p_{t0}``;
+dopri5 at ``rtol = atol = 1e-5``.
 
-Compared, in one run on the same closed-form score ``s(x, t)`` (``t`` a ``[B]`` tensor, as
-diffusion code calls it):
+The score: the mixture's exact VP marginal score with **one time per sample**
+(:func:`vp_mixture_score`, from the eigendecomposition ``Σ_k = U_k Λ_k U_kᵀ``, so
+``α²Σ_k + σ²I = U_k (α²Λ_k + σ²) U_kᵀ`` costs no factorisation per time). Every variant calls
+this same ``s(x, t)`` (``t`` a ``[B]`` tensor, as diffusion code calls it); it agrees with
+:func:`flowkit.gmm.mixture_score_field` to rounding (checked at start-up), whose own
+distinct-times path factorises ``B × K`` covariances per call — a cost a neural score network
+does not have (a ``[B]`` time input is free to it) and which would otherwise be charged to the
+per-sample solver alone.
 
-* flowkit — :func:`flowkit.score_log_likelihood`, exact trace (one vectorised VJP) and
-  Hutchinson (Rademacher; several probes in one batched VJP), with the per-sample error norm
-  (flowkit's default) and with torchdiffeq's batch-RMS norm;
-* plain — PyTorch + torchdiffeq written here the straightforward way: the PF-ODE
-  ``f x − ½ g² s`` and its divergence on a ``[B, D + 1]`` state, the exact trace by ``D``
-  backward passes, Hutchinson by one VJP per probe, torchdiffeq's default norm;
-* the reference figures measured for score_sde_pytorch's own likelihood function on this
-  2-core CPU (one thread, N = 5,000; given in the issue; not run here).
+Compared, interleaved (round-robin over the variants, ``--repeats`` rounds), one thread:
+
+* ``flowkit per-sample steps`` — the candidate default: :func:`flowkit.solvers_per_sample.odeint_per_sample`
+  (every sample its own time, step and error test; finished samples retire) on the augmented
+  PF-ODE ``[x, Δ]`` built here (:func:`per_sample_log_likelihood`: flowkit's
+  :func:`flowkit.diffusion.probability_flow_field` and :func:`flowkit.divergence`, exact trace or
+  Hutchinson with the probe rows of the active samples). A direct driver: it skips the one-off
+  field checks of :func:`flowkit.log_likelihood`, whose cost is measured on its own
+  (``checks``: ``score_log_likelihood`` with one Euler step) and added in the ratios
+  ("+ checks");
+* ``flowkit default`` — :func:`flowkit.score_log_likelihood` as shipped: shared steps with the
+  per-sample error norm; ``flowkit batch RMS`` — the same with torchdiffeq's batch-RMS norm;
+* ``score_sde_pytorch`` — yang-song/score_sde_pytorch's own ``likelihood.get_likelihood_fn``
+  (scipy RK45, one Rademacher probe; Hutchinson only), imported at run time from a snapshot
+  written by ``git show`` into ``bench/.peers/`` (ignored by git; ``--peer-git`` names the
+  mirror), fed the same score as a continuous-time VP model on ``[B, D, 1, 1]`` "images";
+* ``plain`` — PyTorch + torchdiffeq written here the straightforward way (the same algorithm:
+  ``[x, Δ]`` state, dopri5 with torchdiffeq's default norm, exact trace by ``D`` backward
+  passes, Hutchinson by one VJP): the peer for the exact trace, which score_sde_pytorch lacks.
 
     python bench/diffusion_likelihood.py                       # CPU, one thread, N = 1,000 and 5,000
     python bench/diffusion_likelihood.py --n 5000 --repeats 5 --dims 8
     python bench/diffusion_likelihood.py --device cuda --tag cuda
-    python bench/diffusion_likelihood.py --profile             # cProfile of flowkit's 8-D Hutchinson case
 
-Speed ratios are ``reference seconds / flowkit seconds`` (> 1: flowkit is faster). Results:
+Speed ratios are ``peer seconds / flowkit seconds`` (> 1: flowkit is faster). Results:
 ``bench/results/diffusion_likelihood[_TAG].json`` and ``.md``.
 """
 
@@ -32,9 +48,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,19 +66,45 @@ sys.path.insert(0, str(ROOT))
 
 import flowkit  # noqa: E402
 from benchinfo import cpu_name  # noqa: E402  (bench/benchinfo.py, beside this script)
+from flowkit.diffusion import probability_flow_field, xt_score_to_field  # noqa: E402
 from flowkit.gmm import GaussianMixture, mixture_score_field  # noqa: E402
 from flowkit.paths import VP  # noqa: E402
+from flowkit.solvers import PerSampleTimeField, SolverSpec  # noqa: E402
+from flowkit.solvers_per_sample import odeint_per_sample  # noqa: E402
 
-# score_sde_pytorch's likelihood function and a plain torch + torchdiffeq loop on this 2-core
-# CPU, one thread, medians of several runs, rtol = atol = 1e-5, N = 5,000 (from the issue).
-REFERENCE = {
-    "score_sde_pytorch": {"hutchinson": {2: 0.74, 8: 1.31}, "exact": {2: 0.89, 8: 3.65}},
-    "plain (issue)": {"hutchinson": {2: 0.45, 8: 0.95}, "exact": {2: 0.65, 8: 3.72}},
-}
-REFERENCE_N = 5000
+PEERS = ROOT / "bench" / ".peers"
+PEER_GIT = Path("/work/.mirror/yang-song+score_sde_pytorch/repo")
+PEER_FILES = ("likelihood.py", "sde_lib.py", "models/__init__.py", "models/utils.py")
+# the issue's table (score_sde_pytorch, N = 5,000, Hutchinson, this 2-core CPU, one thread)
+ISSUE = {"score_sde_pytorch": {2: 0.59, 8: 1.05}, "flowkit default": {2: 0.72, 8: 1.29}}
 
 
 # ----------------------------------------------------------------------------- problem
+def vp_mixture_score(gmm: GaussianMixture, path: VP) -> Callable[[Tensor, Tensor], Tensor]:
+    r"""The exact score ``∇ log p_t(x)`` of ``gmm`` carried along ``path``, as ``s(x, t)`` with
+    ``t`` a ``[B]`` tensor (distinct times allowed).
+
+    ``p_t = Σ_k w_k N(α_t μ_k, α_t² Σ_k + σ_t² I)`` and ``Σ_k = U_k diag(λ_k) U_kᵀ`` give, with
+    ``z = U_kᵀ (x − α μ_k)`` and ``v = α² λ_k + σ²``: ``log N = −½ Σ z²/v − ½ Σ log v − D/2 log 2π``
+    and ``s = −Σ_k r_k U_k (z / v)``, ``r_k`` the responsibilities.
+    """
+    lam, vecs = torch.linalg.eigh(gmm.covs.double())
+    lam, vecs = lam.to(gmm.covs.dtype), vecs.to(gmm.covs.dtype)
+    means, log_w, dim = gmm.means, gmm.weights.log(), gmm.dim
+
+    def score(x: Tensor, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        alpha, sigma = path.alpha(t)[:, None, None], path.sigma(t)[:, None, None]
+        z = torch.einsum("kji,bkj->bki", vecs, x[:, None, :] - alpha * means)  # [B, K, D]
+        var = alpha**2 * lam + sigma**2  # [B, K, D]
+        white = z / var
+        log_n = -0.5 * (z * white).sum(-1) - 0.5 * var.log().sum(-1) - 0.5 * dim * math.log(2 * math.pi)
+        resp = torch.softmax(log_w + log_n, -1)  # [B, K]
+        return -torch.einsum("kij,bkj->bi", vecs, resp[..., None] * white)
+
+    return score
+
+
 def make_problem(dim: int, n: int, dtype: torch.dtype, device: str, seed: int = 0):
     """The ``gmm`` dataset's mixture, its exact VP score, ``N`` points of ``p_{t0}`` and refs."""
     data = flowkit.DATASETS.build("gmm", dim=dim, components=4, seed=0)
@@ -69,12 +113,16 @@ def make_problem(dim: int, n: int, dtype: torch.dtype, device: str, seed: int = 
     path = VP()
     start, end = gmm.marginal(path, path.t0), gmm.marginal(path, path.t1)
     x = start.sample(n, generator=torch.Generator(device=device).manual_seed(seed))
-    field = mixture_score_field(gmm, path)
+    return path, x, vp_mixture_score(gmm, path), end, start.log_prob(x), gmm
 
-    def score_xt(x: Tensor, t: Tensor) -> Tensor:  # diffusion-codebase order, t of shape [B]
-        return field(t, x)
 
-    return path, x, score_xt, end, start.log_prob(x)
+def check_score(dim: int, args) -> float:
+    """Largest difference between :func:`vp_mixture_score` and flowkit's ``mixture_score_field``
+    at distinct times (float64), relative to the score's size."""
+    path, x, score_xt, _, _, gmm = make_problem(dim, 512, torch.float64, args.device)
+    t = torch.rand(512, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(args.device) * 0.999 + 1e-3
+    ref = mixture_score_field(gmm, path)(t, x)
+    return float((score_xt(x, t) - ref).abs().max() / ref.abs().max())
 
 
 # ------------------------------------------------------------------ plain torch baseline
@@ -117,196 +165,267 @@ def plain_log_likelihood(score_xt: Callable, x: Tensor, prior, path: VP, *, esti
     return prior.log_prob(out[:, :d]) + out[:, d], nfe
 
 
+# --------------------------------------------------------------- flowkit, per-sample steps
+def per_sample_log_likelihood(score_xt: Callable, x: Tensor, prior, path: VP, *, estimator: str,
+                              probes: Optional[Tensor], rtol: float, atol: float) -> dict:
+    """``log p_{t0}(x)`` with per-sample step control: the augmented PF-ODE ``[x, Δ]`` with one
+    time per sample, ``d/dt [x, Δ] = [v(t_b, x), ∇·v]`` (Song et al. 2021, eq. 13 and D.2),
+    ``v`` flowkit's :func:`~flowkit.diffusion.probability_flow_field` and ``∇·v`` flowkit's
+    :func:`~flowkit.divergence`; the Hutchinson probes of the active rows are ``probes[:, rows]``."""
+    b, d = x.shape
+    velocity = probability_flow_field(xt_score_to_field(score_xt), path)
+
+    def augmented(t: Tensor, state: Tensor, rows: Tensor) -> Tensor:
+        y = state[:, :d]
+        out = flowkit.divergence(lambda _t, z: velocity(t, z), t, y, estimator=estimator,
+                                 probe=None if probes is None else probes[:, rows])
+        return torch.cat([out.dx.detach(), out.div.detach()[:, None]], 1)
+
+    spec = SolverSpec("dopri5", rtol=rtol, atol=atol, per_sample_norm=True, step_control="per_sample")
+    with torch.no_grad():
+        sol = odeint_per_sample(PerSampleTimeField(augmented), torch.cat([x, x.new_zeros(b, 1)], 1),
+                                [path.t0, path.t1], spec)
+    out = sol.ys[-1]
+    steps = (sol.accepted + sol.rejected).double()
+    return {"log_prob": prior.log_prob(out[:, :d]) + out[:, d], "nfe": sol.nfe,
+            "evals_per_sample": sol.sample_evals / b, "mean_steps": float(steps.mean()),
+            "max_steps": int(steps.max()), "min_steps": int(steps.min())}
+
+
+# ----------------------------------------------------------------------------- score_sde_pytorch
+def load_peer(git_dir: Path):
+    """score_sde_pytorch's ``likelihood`` and ``sde_lib`` modules, from ``git show`` of the
+    mirror's HEAD into ``bench/.peers/score_sde_pytorch`` (a ``.gitignore`` of ``*`` keeps the
+    folder out of git). Returns ``(likelihood, sde_lib, commit)`` or raises with the reason."""
+    commit = subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", "HEAD"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    dest = PEERS / "score_sde_pytorch"
+    (dest / "models").mkdir(parents=True, exist_ok=True)
+    (PEERS / ".gitignore").write_text("*\n")
+    for name in PEER_FILES:
+        text = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"HEAD:{name}"], check=True,
+                              capture_output=True, text=True).stdout
+        (dest / name).write_text(text)
+    sys.path.insert(0, str(dest))
+    try:
+        import likelihood as peer_likelihood  # noqa: WPS433  (score_sde_pytorch/likelihood.py)
+        import sde_lib as peer_sde_lib
+    finally:
+        sys.path.remove(str(dest))
+    return peer_likelihood, peer_sde_lib, commit
+
+
+class _EpsModel(torch.nn.Module):
+    """The closed-form score as a score_sde "continuous" VP model: ``model(x, labels)`` with
+    ``labels = 999 t`` returns ``−σ_t s(x, t)`` (``get_score_fn`` divides by ``−σ_t``)."""
+
+    def __init__(self, score_xt: Callable, sde) -> None:
+        super().__init__()
+        self.score_xt, self.sde = score_xt, sde
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        t = labels / 999
+        std = self.sde.marginal_prob(torch.zeros_like(x), t)[1]
+        return -std[:, None, None, None] * self.score_xt(x.flatten(1), t).reshape(x.shape)
+
+
+def peer_log_likelihood(peer, score_xt: Callable, x: Tensor, prior, path: VP, *, rtol: float, atol: float) -> dict:
+    """score_sde_pytorch's ``likelihood_fn`` (Rademacher Hutchinson, scipy RK45) on ``x`` as
+    ``[B, D, 1, 1]``; its bits/dim are turned back into ``Δ = log p − log prior_sde(z)`` and the
+    exact prior is used, as for the other variants (its probes: ``torch.manual_seed(1)``)."""
+    lik, sde_lib, _ = peer
+    sde = sde_lib.VPSDE(beta_min=path.beta_min, beta_max=path.beta_max, N=1000)
+    fn = lik.get_likelihood_fn(sde, lambda v: v, hutchinson_type="Rademacher", rtol=rtol, atol=atol,
+                               method="RK45", eps=path.t0)
+    b, d = x.shape
+    torch.manual_seed(1)
+    bpd, z, nfe = fn(_EpsModel(score_xt, sde), x.reshape(b, d, 1, 1))
+    offset = 7.0 - (-1.0)  # likelihood_fn's "offset = 7 - inverse_scaler(-1)", identity scaler
+    log_p_sde = -(bpd.double() - offset) * d * math.log(2)
+    delta = log_p_sde - sde.prior_logp(z).double()
+    return {"log_prob": prior.log_prob(z.reshape(b, d)).double() + delta, "nfe": int(nfe),
+            "evals_per_sample": float(nfe), "mean_steps": None}
+
+
 # ------------------------------------------------------------------------------ timing
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], tuple[Tensor, int]], repeats: int, device: str) -> tuple[list[float], Tensor, int]:
-    times, out, nfe = [], None, 0
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        out, nfe = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times, out, nfe
-
-
-def run_case(impl: str, estimator: str, n_probes: int, per_sample_norm: bool, dim: int, n: int,
-             args) -> dict:
-    dtype = getattr(torch, args.dtype)
-    path, x, score_xt, prior, ref = make_problem(dim, n, dtype, args.device)
-    probe_gen = torch.Generator(device=args.device).manual_seed(1)
-    probes = None
-    if estimator == "hutchinson":
-        probes = flowkit.sample_probe(x, "rademacher", n_probes, generator=probe_gen)
-
-    if impl == "flowkit":
-        def fn():
-            out = flowkit.score_log_likelihood(
-                score_xt, x, path, estimator=estimator, n_probes=n_probes, rtol=args.rtol, atol=args.atol,
-                per_sample_norm=per_sample_norm, prior=prior,
-                generator=torch.Generator(device=args.device).manual_seed(1))
-            return out.log_prob, out.nfe
-    else:
-        def fn():
-            return plain_log_likelihood(score_xt, x, prior, path, estimator=estimator, probes=probes,
-                                        rtol=args.rtol, atol=args.atol)
-
-    times, log_prob, nfe = timed(fn, args.repeats, args.device)
-    err = (log_prob - ref).double()
-    return {
-        "impl": impl, "estimator": estimator, "n_probes": n_probes if estimator == "hutchinson" else None,
-        "norm": "per-sample" if per_sample_norm else "batch RMS", "dim": dim, "n": n,
-        "seconds": statistics.median(times), "seconds_all": times, "nfe": nfe,
-        "points_per_s": n / statistics.median(times),
-        "max_abs_err": float(err.abs().max()), "mean_abs_err": float(err.abs().mean()),
-        "mean_err": float(err.mean()), "nll": float(-log_prob.double().mean()), "nll_true": float(-ref.double().mean()),
-    }
-
-
-CASES = [  # (impl, estimator, n_probes, per_sample_norm)
-    ("flowkit", "exact", 1, True),
-    ("flowkit", "exact", 1, False),
-    ("plain", "exact", 1, False),
-    ("flowkit", "hutchinson", 1, True),
-    ("flowkit", "hutchinson", 1, False),
-    ("plain", "hutchinson", 1, False),
-    ("flowkit", "hutchinson", 4, False),
-    ("plain", "hutchinson", 4, False),
+#: (name, estimator): the compared variants; ``hutchinson`` uses one Rademacher probe
+VARIANTS = [
+    ("flowkit per-sample steps", "exact"), ("flowkit default", "exact"), ("flowkit batch RMS", "exact"),
+    ("plain", "exact"),
+    ("flowkit per-sample steps", "hutchinson"), ("flowkit default", "hutchinson"),
+    ("flowkit batch RMS", "hutchinson"), ("plain", "hutchinson"), ("score_sde_pytorch", "hutchinson"),
+    ("checks", "hutchinson"), ("checks", "exact"),
 ]
 
 
-def divergence_micro(dim: int, n: int, args) -> dict:
-    """Milliseconds per evaluation of ``(v, ∇·v)`` at one time, by strategy (the exact-trace
-    design question): flowkit's :func:`flowkit.divergence` (batch replicated ``D`` times, one
-    VJP), ``D`` backward passes on one forward, and one forward with one batched backward
-    (``is_grads_batched`` over the one-hot basis); Hutchinson's one VJP for scale."""
+def variant_fn(name: str, estimator: str, problem, args, peer) -> Callable[[], dict]:
+    path, x, score_xt, prior, _, _ = problem
+    probes = flowkit.sample_probe(x, "rademacher", 1, generator=torch.Generator(device=args.device).manual_seed(1)) \
+        if estimator == "hutchinson" else None
+    if name == "flowkit per-sample steps":
+        return lambda: per_sample_log_likelihood(score_xt, x, prior, path, estimator=estimator, probes=probes,
+                                                 rtol=args.rtol, atol=args.atol)
+    if name in ("flowkit default", "flowkit batch RMS", "checks"):
+        settings = {"method": "euler", "steps": 1} if name == "checks" else \
+            {"rtol": args.rtol, "atol": args.atol, "per_sample_norm": name == "flowkit default"}
+
+        def run() -> dict:
+            out = flowkit.score_log_likelihood(score_xt, x, path, estimator=estimator, n_probes=1, prior=prior,
+                                               generator=torch.Generator(device=args.device).manual_seed(1),
+                                               **settings)
+            return {"log_prob": out.log_prob, "nfe": out.nfe, "evals_per_sample": float(out.nfe), "mean_steps": None}
+        return run
+    if name == "plain":
+        def run() -> dict:
+            lp, nfe = plain_log_likelihood(score_xt, x, prior, path, estimator=estimator, probes=probes,
+                                           rtol=args.rtol, atol=args.atol)
+            return {"log_prob": lp, "nfe": nfe, "evals_per_sample": float(nfe), "mean_steps": None}
+        return run
+    if name == "score_sde_pytorch":
+        return lambda: peer_log_likelihood(peer, score_xt, x, prior, path, rtol=args.rtol, atol=args.atol)
+    raise ValueError(name)
+
+
+def run_block(dim: int, n: int, args, peer) -> list[dict]:
+    """All variants at one (D, N), interleaved: ``repeats`` rounds, each running every variant once."""
     dtype = getattr(torch, args.dtype)
-    path, x, score_xt, _, _ = make_problem(dim, n, dtype, args.device)
-    field = flowkit.diffusion.probability_flow_field(flowkit.diffusion.xt_score_to_field(score_xt), path)
-    t = torch.tensor(0.3, dtype=dtype, device=args.device)
-    eye = torch.eye(dim, dtype=dtype, device=args.device)
+    problem = make_problem(dim, n, dtype, args.device)
+    ref = problem[4]
+    variants = [v for v in VARIANTS if (peer is not None or v[0] != "score_sde_pytorch")
+                and (args.only is None or v[0] in args.only)]
+    fns = {v: variant_fn(*v, problem, args, peer) for v in variants}
+    times: dict = {v: [] for v in variants}
+    last: dict = {}
+    for _ in range(args.repeats):
+        for v in variants:
+            _sync(args.device)
+            start = time.perf_counter()
+            last[v] = fns[v]()
+            _sync(args.device)
+            times[v].append(time.perf_counter() - start)
+    rows = []
+    for (name, est) in variants:
+        out = last[(name, est)]
+        err = (out["log_prob"].double() - ref.double())
+        sec = statistics.median(times[(name, est)])
+        row = {"impl": name, "estimator": est, "dim": dim, "n": n, "seconds": sec, "seconds_all": times[(name, est)],
+               "nfe": out["nfe"], "evals_per_sample": out["evals_per_sample"], "mean_steps": out.get("mean_steps"),
+               "steps_min_max": (out.get("min_steps"), out.get("max_steps")) if out.get("mean_steps") else None,
+               "max_abs_err": float(err.abs().max()), "mean_abs_err": float(err.abs().mean()),
+               "mean_err": float(err.mean()), "nll": float(-out["log_prob"].double().mean()),
+               "nll_true": float(-ref.double().mean()), "load_after": os.getloadavg()}
+        rows.append(row)
+        if name != "checks":
+            steps = f"{row['mean_steps']:6.1f}" if row["mean_steps"] else "     —"
+            print(f"D={dim} N={n:5d} {name:25s} {est:10s} {sec:7.3f} s  calls {row['nfe']:4d}  evals/sample "
+                  f"{row['evals_per_sample']:6.1f}  steps/sample {steps}  max|err| {row['max_abs_err']:.2e}  "
+                  f"mean err {row['mean_err']:+.2e}", flush=True)
+    return rows
 
-    def replicate():
-        return flowkit.divergence(field, t, x).div
 
-    def backward_loop():
-        y = x.detach().requires_grad_(True)
-        out = field(t, y)
-        return sum(torch.autograd.grad(out[:, i].sum(), y, retain_graph=i < dim - 1)[0][:, i] for i in range(dim))
-
-    def batched_backward():
-        y = x.detach().requires_grad_(True)
-        out = field(t, y)
-        rows = torch.autograd.grad(out, y, eye[:, None, :].expand(dim, n, dim), is_grads_batched=True)[0]
-        return torch.diagonal(rows, dim1=0, dim2=2).sum(-1)
-
-    probe = flowkit.sample_probe(x, "rademacher", 1)
-
-    def hutchinson():
-        return flowkit.divergence(field, t, x, estimator="hutchinson", probe=probe).div
-
-    result = {"dim": dim, "n": n}
-    for name, fn in (("flowkit_replicated", replicate), ("backward_loop", backward_loop),
-                     ("batched_backward", batched_backward), ("hutchinson_1", hutchinson)):
-        fn()
-        times, _, _ = timed(lambda: (fn(), 0), max(5, args.repeats), args.device)
-        result[name + "_ms"] = 1000 * statistics.median(times)
-    return result
+def score_micro(dim: int, n: int, args) -> dict:
+    """Milliseconds per score call at N points: this bench's eigen-form score and flowkit's
+    ``mixture_score_field``, at one time and at distinct times."""
+    dtype = getattr(torch, args.dtype)
+    path, x, score_xt, _, _, gmm = make_problem(dim, n, dtype, args.device)
+    field = mixture_score_field(gmm, path)
+    same = torch.full((n,), 0.3, dtype=dtype, device=args.device)
+    distinct = torch.linspace(0.01, 1.0, n, dtype=dtype, device=args.device)
+    out = {"dim": dim, "n": n}
+    for label, fn in (("eigen", lambda t: score_xt(x, t)), ("mixture_score_field", lambda t: field(t, x))):
+        for tl, t in (("same_t", same), ("distinct_t", distinct)):
+            fn(t)
+            reps = []
+            for _ in range(5):
+                start = time.perf_counter()
+                fn(t)
+                reps.append(time.perf_counter() - start)
+            out[f"{label}_{tl}_ms"] = 1000 * statistics.median(reps)
+    return out
 
 
 def machine(args) -> dict:
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": args.device,
             "dtype": args.dtype, "rtol": args.rtol, "atol": args.atol, "repeats": args.repeats,
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def ratios(rows: list[dict], cpu: bool) -> list[dict]:
-    """Speed of each flowkit case against the in-run plain loop and (on the CPU only) the
-    issue's references."""
+def ratios(rows: list[dict]) -> list[dict]:
+    """Speed of flowkit's variants against the peers of the same (D, N, estimator): score_sde_pytorch
+    (Hutchinson) and the plain loop; the per-sample driver also with the checks' time added."""
     out = []
-    plain = {(r["estimator"], r["n_probes"], r["dim"], r["n"]): r for r in rows if r["impl"] == "plain"}
+    by = {(r["impl"], r["estimator"], r["dim"], r["n"]): r for r in rows}
     for r in rows:
-        if r["impl"] != "flowkit":
+        if not r["impl"].startswith("flowkit"):
             continue
-        entry = {k: r[k] for k in ("estimator", "n_probes", "norm", "dim", "n", "seconds")}
-        p = plain.get((r["estimator"], r["n_probes"], r["dim"], r["n"]))
-        entry["vs_plain_in_run"] = p["seconds"] / r["seconds"] if p else None
-        if cpu and r["n"] == REFERENCE_N and (r["estimator"] == "exact" or r["n_probes"] == 1):
-            for name, ref in REFERENCE.items():
-                entry[f"vs_{name}"] = ref[r["estimator"]][r["dim"]] / r["seconds"]
+        key = (r["estimator"], r["dim"], r["n"])
+        entry = {"impl": r["impl"], "estimator": r["estimator"], "dim": r["dim"], "n": r["n"], "seconds": r["seconds"]}
+        checks = by.get(("checks", *key))
+        if r["impl"] == "flowkit per-sample steps" and checks:
+            entry["seconds_with_checks"] = r["seconds"] + checks["seconds"]
+        for peer in ("score_sde_pytorch", "plain"):
+            p = by.get((peer, *key))
+            entry[f"vs_{peer}"] = p["seconds"] / r["seconds"] if p else None
+            if p and "seconds_with_checks" in entry:
+                entry[f"vs_{peer}_with_checks"] = p["seconds"] / entry["seconds_with_checks"]
         out.append(entry)
     return out
 
 
-def markdown(info: dict, rows: list[dict], speed: list[dict], micro: list[dict]) -> str:
-    load = info.get("load_average")
-    load = ", load average " + ", ".join(f"{v:.1f}" for v in load) if load else ""
+def markdown(info: dict, rows: list[dict], speed: list[dict], micro: list[dict], checks: dict) -> str:
+    def load(v):
+        return ", ".join(f"{x:.1f}" for x in v) if v else "?"
+
     lines = ["# Diffusion likelihood (PF-ODE of a VP model with the exact GMM score)", "",
-             f"Machine: {info['cpu']} ({info['cores']} cores), {info['threads']} torch thread(s), "
-             f"device {info['device']}{' (' + info['gpu'] + ')' if 'gpu' in info else ''}, torch {info['torch']}, "
-             f"{info['dtype']}, dopri5 rtol = atol = {info['rtol']:g}, median of {info['repeats']} runs"
-             f"{load}.",
-             "", "| D | N | impl | trace | probes | norm | s | points/s | NFE | max abs err | mean abs err | mean err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Machine: {info['cpu']} ({info['cores']} cores, **shared with other jobs**), {info['threads']} torch "
+             f"thread(s), device {info['device']}{' (' + info['gpu'] + ')' if 'gpu' in info else ''}, torch "
+             f"{info['torch']}, {info['dtype']}, dopri5 / RK45 rtol = atol = {info['rtol']:g}; variants interleaved "
+             f"round-robin, median of {info['repeats']} rounds. Load average (1, 5, 15 min) at the start "
+             f"{load(info['load_average_start'])}, at the end {load(info.get('load_average_end'))}.",
+             f"score_sde_pytorch: {info.get('peer', 'not run')}.", "",
+             "Columns: batched field calls (NFE); sample evaluations per sample (= NFE with shared steps); "
+             "per-sample steps (accepted + rejected, per-sample solver: mean [min–max]); error of log p per "
+             "point against the closed form (nats).", "",
+             "| D | N | impl | trace | s | NFE (calls) | evals / sample | steps / sample | max abs err | mean abs err "
+             "| mean err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['dim']} | {r['n']} | {r['impl']} | {r['estimator']} | {r['n_probes'] or ''} | {r['norm']} "
-                     f"| {r['seconds']:.3f} | {r['points_per_s']:,.0f} | {r['nfe']} | {r['max_abs_err']:.2e} "
-                     f"| {r['mean_abs_err']:.2e} | {r['mean_err']:+.2e} |")
-    lines += ["", "Speed-up of flowkit (reference seconds / flowkit seconds; > 1 is faster). The "
-              "score_sde_pytorch and issue figures were measured at N = 5,000 on a 2-core CPU, one thread.", "",
-              "| D | N | trace | probes | norm | flowkit s | vs plain (this run) | vs score_sde_pytorch | vs plain (issue) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        if r["impl"] == "checks":
+            continue
+        steps = f"{r['mean_steps']:.1f} [{r['steps_min_max'][0]}–{r['steps_min_max'][1]}]" if r["mean_steps"] else "—"
+        lines.append(f"| {r['dim']} | {r['n']} | {r['impl']} | {r['estimator']} | {r['seconds']:.3f} | {r['nfe']} "
+                     f"| {r['evals_per_sample']:.1f} | {steps} | {r['max_abs_err']:.2e} | {r['mean_abs_err']:.2e} "
+                     f"| {r['mean_err']:+.2e} |")
+    lines += ["", "Speed-up of flowkit (peer seconds / flowkit seconds; > 1 is faster). \"+ checks\": the "
+              "per-sample driver's time plus the one-off field checks of `flowkit.log_likelihood` "
+              "(`score_log_likelihood` with one Euler step: " + ", ".join(
+                  f"D={k[0]} N={k[1]} {k[2]}: {v * 1000:.0f} ms" for k, v in checks.items()) + ").", "",
+              "| D | N | trace | flowkit variant | s | vs score_sde_pytorch | vs plain | vs score_sde_pytorch + checks "
+              "| vs plain + checks |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v):
+        return f"{v:.2f}×" if v is not None else "—"
+
     for s in speed:
-        def fmt(v):
-            return f"{v:.2f}×" if v is not None else "—"
-        lines.append(f"| {s['dim']} | {s['n']} | {s['estimator']} | {s['n_probes'] or ''} | {s['norm']} | {s['seconds']:.3f} "
-                     f"| {fmt(s['vs_plain_in_run'])} | {fmt(s.get('vs_score_sde_pytorch'))} | {fmt(s.get('vs_plain (issue)'))} |")
-    lines += ["", f"One evaluation of (v, ∇·v) at N = {REFERENCE_N} (milliseconds, median): exact trace by "
-              "flowkit.divergence (batch replicated D times, one VJP), by D backward passes, and by one "
-              "forward + one batched backward (is_grads_batched); Hutchinson with one probe.", "",
-              "| D | flowkit replicated | D backward passes | batched backward | Hutchinson |", "|---|---|---|---|---|"]
+        lines.append(f"| {s['dim']} | {s['n']} | {s['estimator']} | {s['impl']} | {s['seconds']:.3f} "
+                     f"| {fmt(s.get('vs_score_sde_pytorch'))} | {fmt(s.get('vs_plain'))} "
+                     f"| {fmt(s.get('vs_score_sde_pytorch_with_checks'))} | {fmt(s.get('vs_plain_with_checks'))} |")
+    lines += ["", "One score call (milliseconds, median of 5): this bench's eigen-form closed-form score and "
+              "`flowkit.gmm.mixture_score_field`, all points at one time and at distinct times.", "",
+              "| D | N | eigen, one t | eigen, distinct t | mixture_score_field, one t | mixture_score_field, distinct t |",
+              "|---|---|---|---|---|---|"]
     for m in micro:
-        lines.append(f"| {m['dim']} | {m['flowkit_replicated_ms']:.1f} | {m['backward_loop_ms']:.1f} "
-                     f"| {m['batched_backward_ms']:.1f} | {m['hutchinson_1_ms']:.1f} |")
+        lines.append(f"| {m['dim']} | {m['n']} | {m['eigen_same_t_ms']:.2f} | {m['eigen_distinct_t_ms']:.2f} "
+                     f"| {m['mixture_score_field_same_t_ms']:.2f} | {m['mixture_score_field_distinct_t_ms']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def profile(args) -> None:
-    import cProfile
-    import pstats
-
-    dtype = getattr(torch, args.dtype)
-    for estimator in ("hutchinson", "exact"):
-        path, x, score_xt, prior, _ = make_problem(args.profile_dim, REFERENCE_N, dtype, args.device)
-        for impl in ("flowkit", "plain"):
-            print(f"\n==== cProfile: {impl}, {estimator}, D = {args.profile_dim}, N = {REFERENCE_N}, batch-RMS norm ====")
-            probes = flowkit.sample_probe(x, "rademacher", 1, generator=torch.Generator().manual_seed(1))
-
-            def solve(points: Tensor) -> None:
-                if impl == "flowkit":
-                    flowkit.score_log_likelihood(score_xt, points, path, estimator=estimator, rtol=args.rtol,
-                                                 atol=args.atol, per_sample_norm=False, prior=prior,
-                                                 generator=torch.Generator().manual_seed(1))
-                else:
-                    plain_log_likelihood(score_xt, points, prior, path, estimator=estimator,
-                                         probes=probes[:, : len(points)], rtol=args.rtol, atol=args.atol)
-
-            solve(x[:64])  # warm-up: lazy imports and initialisation are not what we profile
-            prof = cProfile.Profile()
-            prof.enable()
-            solve(x)
-            prof.disable()
-            stats = pstats.Stats(prof)
-            stats.sort_stats("tottime").print_stats(15)
-            stats.sort_stats("cumulative").print_stats(r"flowkit/(likelihood|divergence|diffusion|paths|solvers)", 25)
 
 
 def main(argv=None) -> int:
@@ -319,48 +438,53 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--only", choices=["flowkit", "plain"], default=None, help="run one implementation")
+    p.add_argument("--only", nargs="+", default=None, help="run only these variants (names of VARIANTS)")
+    p.add_argument("--peer-git", default=str(PEER_GIT), help="git directory of a score_sde_pytorch mirror")
     p.add_argument("--tag", default="", help="suffix of the result files")
-    p.add_argument("--profile", action="store_true", help="cProfile flowkit and plain, then exit")
-    p.add_argument("--profile-dim", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.profile:
-        profile(args)
-        return 0
     info = machine(args)
-    # warm-up: first calls pay for lazy initialisation (autograd, torchdiffeq tables, CUDA context)
-    for impl, est, k, psn in CASES:
-        args_warm = argparse.Namespace(**{**vars(args), "repeats": 1})
-        run_case(impl, est, k, psn, min(args.dims), 64, args_warm)
-    rows = []
+    try:
+        peer = load_peer(Path(args.peer_git))
+        info["peer"] = f"yang-song/score_sde_pytorch@{peer[2][:12]} (likelihood.py, sde_lib.py, models/utils.py)"
+    except Exception as err:  # noqa: BLE001 - the bench reports why the peer did not run
+        peer = None
+        info["peer"] = f"not run: {type(err).__name__}: {err}"
+    print("peer:", info["peer"])
+    info["score_check"] = {d: check_score(d, args) for d in args.dims}
+    print("eigen-form score vs mixture_score_field (max relative difference):", info["score_check"])
+    # warm-up: first calls pay for lazy initialisation (autograd, torchdiffeq tables, scipy)
+    warm = argparse.Namespace(**{**vars(args), "repeats": 1})
+    run_block(min(args.dims), 64, warm, peer)
+    rows: list[dict] = []
+    micro: list[dict] = []
     for dim in args.dims:
         for n in args.n:
-            for impl, est, k, psn in CASES:
-                if args.only and impl != args.only:
-                    continue
-                r = run_case(impl, est, k, psn, dim, n, args)
-                rows.append(r)
-                print(f"D={dim} N={n:5d} {impl:8s} {est:10s} probes={str(r['n_probes'] or ''):2s} "
-                      f"{r['norm']:10s} {r['seconds']:7.3f} s  {r['points_per_s']:9,.0f} pts/s  NFE {r['nfe']:4d}  "
-                      f"max|err| {r['max_abs_err']:.2e}  mean err {r['mean_err']:+.2e}", flush=True)
-    speed = ratios(rows, cpu=args.device == "cpu")
-    micro = [divergence_micro(dim, REFERENCE_N, args) for dim in args.dims]
-    for m in micro:
-        print("divergence per evaluation (ms):", {k: round(v, 2) if isinstance(v, float) else v for k, v in m.items()})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "diffusion_likelihood" + (f"_{args.tag}" if args.tag else "")
-    reference = {k: {e: {str(d): sec for d, sec in v.items()} for e, v in r.items()} for k, r in REFERENCE.items()}
-    result = {"machine": info, "reference": reference, "reference_n": REFERENCE_N, "rows": rows, "speed": speed,
-              "divergence_micro": micro}
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    md = markdown(info, rows, speed, micro)
-    (out / f"{stem}.md").write_text(md)
+            rows += run_block(dim, n, args, peer)
+            md = write(args, info, rows, micro, partial=True)  # a run cut short still leaves its blocks
+    micro = [score_micro(dim, 5000, args) for dim in args.dims]
+    md = write(args, info, rows, micro, partial=False)
     print()
     print(md)
     return 0
+
+
+def write(args, info: dict, rows: list[dict], micro: list[dict], *, partial: bool) -> str:
+    """Write ``bench/results/diffusion_likelihood[_TAG].{json,md}`` (``partial``: blocks so far)."""
+    info = {**info, "load_average_end": os.getloadavg(), "partial": partial}
+    speed = ratios(rows)
+    checks = {(r["dim"], r["n"], r["estimator"]): r["seconds"] for r in rows if r["impl"] == "checks"}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "diffusion_likelihood" + (f"_{args.tag}" if args.tag else "")
+    result = {"machine": info, "issue_table": ISSUE, "rows": rows, "speed": speed, "score_micro": micro}
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    md = markdown(info, rows, speed, micro, checks)
+    if partial:
+        md += "\n**Partial run**: the blocks above only (the run was stopped before the end).\n"
+    (out / f"{stem}.md").write_text(md)
+    return md
 
 
 if __name__ == "__main__":
