@@ -10,6 +10,8 @@ registry        recipe section            what a component is
 ``PATHS``       ``objective.path``,       :class:`flowkit.paths.GaussianPath`: a probability
                 ``objective.sde``         path that is also a forward SDE
 ``COUPLINGS``   ``objective.coupling``    minibatch pairing of data and noise
+``POSTERIORS``  ``objective.posterior``   :class:`flowkit.posteriors.Posterior`: a VAE's
+                                          approximate posterior family
 ==============  ========================  ==========================================
 
 A diffusion's forward SDE and a flow-matching path are one object, a
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 from .registry import Registry
 
-__all__ = ["DYNAMICS", "OBJECTIVES", "SAMPLERS", "DATASETS", "PATHS", "COUPLINGS"]
+__all__ = ["DYNAMICS", "OBJECTIVES", "SAMPLERS", "DATASETS", "PATHS", "COUPLINGS", "POSTERIORS"]
 
 DYNAMICS = Registry("dynamics")
 OBJECTIVES = Registry("objective")
@@ -36,3 +38,4 @@ SAMPLERS = Registry("sampler")
 DATASETS = Registry("dataset")
 PATHS = Registry("path")
 COUPLINGS = Registry("coupling")
+POSTERIORS = Registry("posterior")

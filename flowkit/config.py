@@ -29,6 +29,13 @@ class TrainConfig:
         ema: decay of the weights' exponential moving average, in ``[0, 1)`` (0: off).
         seed: random seed (``0 … 2³² − 1``); threads: CPU threads (0: torch's default).
         log_every (≥ 1), eval_every, checkpoint_every, sample_every (0: never): intervals in steps.
+        curve_points: periodic evaluations at evenly spaced fractions of the training budget
+            (``k / curve_points`` of the budget spent, the trainer's ``budget_progress``), so that
+            runs on different budgets give curves of as many points (0: none). With
+            ``eval_every`` too, both apply; the last step is evaluated whenever either is set.
+        eval_points: test points of each periodic evaluation's NLL (at most ``eval.n``; ≥ 1).
+        eval_samples: samples scored at each periodic evaluation by the sample metrics of
+            :func:`flowkit.evaluate.sample_metrics` (0: NLL only).
         keep_checkpoints: how many checkpoints to keep (0: all).
         trackers: accelerate trackers (``[tensorboard]``, ...).
         max_seconds: a wall-clock budget (> 0 s) of training, summed over resumes; time spent in
@@ -36,7 +43,10 @@ class TrainConfig:
         max_evaluations: a budget of network evaluations of the training loss (forward
             evaluations: an FFJORD step counts its solver's NFE, a flow-matching step 1 per
             micro-batch), summed over resumes (None: no budget). Training ends at whichever of
-            ``steps`` and the budgets comes first; the learning-rate schedule runs over ``steps``.
+            ``steps`` and the budgets comes first, within one step of it (the step that spends a
+            budget is the last); the learning-rate schedule runs over the budget: its
+            progress is the largest spent fraction of ``steps``, ``max_seconds`` and
+            ``max_evaluations`` (warm-up counts steps).
     """
 
     steps: PositiveInt = 1000
@@ -56,6 +66,9 @@ class TrainConfig:
     cpu: bool = False
     log_every: PositiveInt = 10
     eval_every: NonNegativeInt = 0
+    curve_points: NonNegativeInt = 0
+    eval_points: PositiveInt = 2000
+    eval_samples: NonNegativeInt = 0
     checkpoint_every: NonNegativeInt = 200
     sample_every: NonNegativeInt = 0
     keep_checkpoints: NonNegativeInt = 2
@@ -77,6 +90,8 @@ class EvalConfig:
             settings are made): a method of :data:`flowkit.solvers.METHODS`, tolerances > 0,
             ``steps`` (≥ 1) for a fixed-step method, per-sample adaptive error norm.
         metrics, metric_samples: sample-quality metrics on ``metric_samples`` (≥ 1) samples.
+        iwae_k: importance samples per test point of a variational model's IWAE bound
+            (Burda et al. 2016; ``vae``), ≥ 1.
     """
 
     n: PositiveInt = 20000
@@ -92,6 +107,7 @@ class EvalConfig:
     per_sample_norm: bool = True
     metrics: bool = True
     metric_samples: PositiveInt = 2000
+    iwae_k: PositiveInt = 100
 
     argument_rules: ClassVar[tuple[Rule, ...]] = (fixed_step_needs_steps,)
 

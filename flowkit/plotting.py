@@ -8,7 +8,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["plot_samples", "plot_density", "plot_grid", "plot_image_grid"]
+__all__ = ["plot_samples", "plot_density", "plot_grid", "plot_image_grid", "plot_curves", "CURVE_METRICS"]
+
+#: the periodic-evaluation records' metrics drawn by :func:`plot_curves`: (key, label, log scale)
+CURVE_METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("eval_bpd", "test bits/dim", False), ("eval_nll", "test NLL (nats)", False),
+    ("eval_energy_distance", "energy distance (V-stat.)", True), ("eval_mmd", "MMD (multi-scale RBF)", True),
+    ("eval_feature_fd", "feature Fréchet distance", True))
 
 
 def _plt():
@@ -117,5 +123,74 @@ def plot_image_grid(x: Tensor, path: str | Path, *, dataset=None, columns: int =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _band(curves: Sequence[Sequence[dict]], x_key: str, y_key: str):
+    """Mean x, mean y and its standard error over seeds, point by point (the k-th periodic
+    evaluation of every seed is at the same fraction of the budget); seeds without the
+    metric are left out, and the curve is as long as the shortest seed's."""
+    import math
+
+    runs = [[r for r in c if r.get(y_key) is not None and r.get(x_key) is not None] for c in curves]
+    runs = [c for c in runs if c]
+    if not runs:
+        return None
+    length = min(len(c) for c in runs)
+    xs, ys, ses = [], [], []
+    for k in range(length):
+        x = [float(c[k][x_key]) for c in runs]
+        y = [float(c[k][y_key]) for c in runs]
+        mean = sum(y) / len(y)
+        se = math.sqrt(sum((v - mean) ** 2 for v in y) / (len(y) - 1) / len(y)) if len(y) > 1 else 0.0
+        xs.append(sum(x) / len(x))
+        ys.append(mean)
+        ses.append(se)
+    return xs, ys, ses
+
+
+def plot_curves(curves: dict[str, Sequence[Sequence[dict]]], x_key: str, path: str | Path) -> Path:
+    """Quality against ``x_key`` (``train_seconds`` or ``evaluations``) for every run: one panel
+    per metric of :data:`CURVE_METRICS` that some run logged (bits/dim replaces NLL for
+    discrete data), the mean over seeds with a ±1 standard-error band.
+
+    Args:
+        curves: run name → one list of periodic-evaluation records per seed (the trainer's
+            ``metrics.jsonl`` rows holding ``eval_nll``).
+        x_key: the record field on the horizontal axis.
+        path: the PNG to write.
+    """
+    plt = _plt()
+    present = {k for runs in curves.values() for c in runs for r in c for k, v in r.items() if v is not None}
+    metrics = [m for m in CURVE_METRICS if m[0] in present]
+    if any(m[0] == "eval_bpd" for m in metrics):
+        metrics = [m for m in metrics if m[0] != "eval_nll"]
+    metrics = metrics or [CURVE_METRICS[1]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
+    xlabel = {"train_seconds": "training time (s, steps only)", "evaluations": "network evaluations"}.get(x_key, x_key)
+    for ax, (key, label, log) in zip(axes[0], metrics):
+        for name, runs in curves.items():
+            band = _band(runs, x_key, key)
+            if band is None:
+                continue
+            xs, ys, ses = band
+            seeds = sum(1 for c in runs if any(r.get(key) is not None for r in c))
+            line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{name} ({seeds} seed{'s' * (seeds != 1)})")
+            ax.fill_between(xs, [y - e for y, e in zip(ys, ses)], [y + e for y, e in zip(ys, ses)],
+                            color=line.get_color(), alpha=0.2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        if x_key == "evaluations":
+            ax.set_xscale("log")
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("mean ± standard error over seeds", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -19,6 +19,16 @@ whether the sampler's ``needs`` are among what the objective's flow ``provides``
 reports **all** problems at once, each with the file and full key path. :func:`build`
 then constructs the parts.
 
+An optional ``compare`` section holds, per objective, the settings ``flowkit compare
+--objectives`` uses when it swaps that objective into the recipe (see
+:func:`swap_objective`); ``flowkit train`` validates it and otherwise ignores it::
+
+    compare:
+      score_matching:
+        objective: {sde: {name: vp}}             # arguments of the swapped-in objective
+        sampler: {name: euler_maruyama, steps: 500}
+        train: {lr: 2.0e-3}                      # over the objective's training_defaults
+
 Reading a recipe is strict too: a duplicated key, a file that is not UTF-8 and a
 command-line override that is not valid YAML each raise :class:`RecipeError` (the CLI's
 exit status 2), the last one blamed on the command line rather than the file.
@@ -44,14 +54,22 @@ from .constraints import Rule, check_value
 from .registry import Registry, RegistryError, did_you_mean
 
 __all__ = ["RecipeError", "load_recipe", "apply_overrides", "validate", "build", "Built",
-           "SECTIONS", "COMMAND_LINE", "component_arguments", "parse_yaml", "resolve_defaults"]
+           "SECTIONS", "COMMAND_LINE", "component_arguments", "parse_yaml", "resolve_defaults",
+           "swap_objective", "SWAP_SECTIONS", "build_data", "default_sampler", "DEFAULT_SAMPLERS"]
 
 COMPONENT_SECTIONS: dict[str, Registry] = {
     "data": DATASETS, "dynamics": DYNAMICS, "objective": OBJECTIVES, "sampler": SAMPLERS,
 }
 SETTINGS_SECTIONS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig}
-SECTIONS = tuple(COMPONENT_SECTIONS) + tuple(SETTINGS_SECTIONS)
+#: the sections a ``compare: {<objective>: {...}}`` block may set (data and eval stay shared)
+SWAP_SECTIONS = ("objective", "dynamics", "sampler", "train")
+SECTIONS = tuple(COMPONENT_SECTIONS) + tuple(SETTINGS_SECTIONS) + ("compare",)
+#: sections every recipe has; ``dynamics`` unless the objective declares ``needs_dynamics = False``
 REQUIRED = ("data", "dynamics", "objective")
+#: the sampler a recipe without a ``sampler`` section gets: the first of these the objective's
+#: flow can serve (an ODE solve of its velocity, else its learned flow map), else the first
+#: registered sampler that fits; none for a variational objective (it samples itself)
+DEFAULT_SAMPLERS = ("dopri5", "flow_map")
 
 # Arguments flowkit supplies itself; a recipe must not set them.
 INJECTED: dict[str, tuple[str, ...]] = {
@@ -320,18 +338,29 @@ def _component_name(recipe: Mapping, section: str, registry: Registry) -> Option
     return name if isinstance(name, str) and name in registry else None
 
 
+def _needs(name: str) -> frozenset[str]:
+    return frozenset(getattr(SAMPLERS.get(name), "needs", DEFAULT_NEEDS))
+
+
+def _provides(objective: str) -> frozenset[str]:
+    return frozenset(getattr(OBJECTIVES.get(objective), "provides", DEFAULT_NEEDS))
+
+
 def _check_sampler_fits(recipe: Mapping, errors: list[str]) -> None:
-    """The sampler's declared ``needs`` must be among the objective's declared ``provides``."""
+    """The sampler's declared ``needs`` must be among the objective's declared ``provides``;
+    a variational objective (no flow) takes no ``sampler`` section at all."""
     objective = _component_name(recipe, "objective", OBJECTIVES)
-    sampler = _component_name(recipe, "sampler", SAMPLERS) if "sampler" in recipe \
-        else default_sampler({})["name"]
-    if objective is None or sampler is None:
+    if objective is None:
         return
-    provides = frozenset(getattr(OBJECTIVES.get(objective), "provides", DEFAULT_NEEDS))
-
-    def needs(name: str) -> frozenset[str]:
-        return frozenset(getattr(SAMPLERS.get(name), "needs", DEFAULT_NEEDS))
-
+    if OBJECTIVES.get(objective).variational:
+        if "sampler" in recipe:
+            errors.append(f"sampler: objective {objective} defines no flow to sample; it draws from its own "
+                          "generate(); remove this section")
+        return
+    sampler = _component_name(recipe, "sampler", SAMPLERS) if "sampler" in recipe else None
+    if sampler is None:  # absent: the default is one that fits (default_sampler); unknown: reported already
+        return
+    provides, needs = _provides(objective), _needs
     missing = needs(sampler) - provides
     if missing:
         fit = [n for n in SAMPLERS.names() if needs(n) <= provides]
@@ -355,17 +384,102 @@ def validate(recipe: Mapping, source: str = "<recipe>") -> None:
     for key in recipe:
         if key not in SECTIONS:
             errors.append(f"{key}: unknown section{did_you_mean(str(key), SECTIONS)}; valid: {', '.join(SECTIONS)}")
+    objective = _component_name(recipe, "objective", OBJECTIVES)
+    own_networks = objective is not None and not OBJECTIVES.get(objective).needs_dynamics
     for key in REQUIRED:
-        if key not in recipe:
+        if key not in recipe and not (key == "dynamics" and own_networks):
             errors.append(f"{key}: missing section")
+    if own_networks and "dynamics" in recipe:
+        errors.append(f"dynamics: objective {objective} builds its own networks and reads no dynamics section; "
+                      "remove it")
     for section, registry in COMPONENT_SECTIONS.items():
         if section in recipe:
             _validate_component(section, recipe[section], registry, INJECTED[section], errors)
     for section, cls in SETTINGS_SECTIONS.items():
         _validate_settings(section, recipe.get(section), cls, errors)
     _check_sampler_fits(recipe, errors)
+    if not errors and "compare" in recipe:
+        _validate_compare(recipe, errors)
     if errors:
         raise RecipeError(errors, source)
+
+
+def _validate_compare(recipe: Mapping, errors: list[str]) -> None:
+    """The ``compare`` blocks: registered objective names, known sections, and a valid
+    recipe once each objective is swapped in (:func:`swap_objective`)."""
+    blocks = recipe["compare"]
+    if not isinstance(blocks, dict):
+        errors.append(f"compare: expected a mapping of objective names to settings, got {blocks!r}")
+        return
+    for name, block in blocks.items():
+        if name not in OBJECTIVES:
+            errors.append(f"compare.{name}: {OBJECTIVES.unknown_message(name)}")
+            continue
+        if not isinstance(block, dict):
+            errors.append(f"compare.{name}: expected a mapping of sections ({', '.join(SWAP_SECTIONS)}), got {block!r}")
+            continue
+        bad = [k for k in block if k not in SWAP_SECTIONS]
+        for key in bad:
+            errors.append(f"compare.{name}.{key}: not a section a comparison may set per objective"
+                          f"{did_you_mean(str(key), SWAP_SECTIONS)}; valid: {', '.join(SWAP_SECTIONS)} "
+                          "(data and eval are shared by every run)")
+        if bad:
+            continue
+        try:
+            validate(swap_objective(recipe, name))
+        except RecipeError as exc:
+            errors.extend(f"compare.{name} (the recipe with {name} swapped in): {e}" for e in exc.errors)
+
+
+def _merge_component(current: Any, block: Any, name: Optional[str] = None) -> Any:
+    """``block`` over ``current``: kwargs merged when the component stays the same, else replaced."""
+    cur = {"name": current} if isinstance(current, str) else dict(current or {})
+    new = {"name": block} if isinstance(block, str) else dict(block or {})
+    if name is not None:
+        new.setdefault("name", name)
+    if "name" in new and new["name"] != cur.get("name"):
+        return new
+    return {**cur, **new}
+
+
+def swap_objective(recipe: Mapping, name: str) -> dict:
+    """The recipe ``flowkit compare --objectives`` trains for objective ``name``.
+
+    Precedence, lowest first, for an objective other than the recipe's own:
+    :class:`~flowkit.config.TrainConfig` defaults < the recipe's ``train`` section (written
+    for its own objective) < the objective's declared ``training_defaults`` < the recipe's
+    ``compare: {name: {...}}`` block; the objective is ``{name: ...}`` with the block's
+    ``objective`` arguments. For the recipe's own objective the recipe's ``train`` section
+    rules over the declared defaults (it was written for that objective); the block still
+    applies. The ``compare`` section itself is dropped. Command-line ``--set`` overrides go
+    on top (:func:`flowkit.compare.compare`).
+
+    Example:
+        >>> r = {"data": {"name": "8gaussians"}, "dynamics": {"name": "mlp"},
+        ...      "objective": {"name": "ffjord", "end_time": 0.5}, "train": {"lr": 5e-3, "steps": 10},
+        ...      "compare": {"cfm": {"train": {"lr": 2e-3}}}}
+        >>> swapped = swap_objective(r, "cfm")
+        >>> swapped["objective"], swapped["train"]["lr"], swapped["train"]["steps"], "compare" in swapped
+        ({'name': 'cfm'}, 0.002, 10, False)
+    """
+    out = copy.deepcopy(dict(recipe))
+    blocks = out.pop("compare", None) or {}
+    block = dict(blocks.get(name) or {})
+    if _component_name(recipe, "objective", OBJECTIVES) != name:
+        out["objective"] = {"name": name}
+        declared = dict(getattr(OBJECTIVES.get(name), "training_defaults", {}) or {}) if name in OBJECTIVES else {}
+        out["train"] = {**(out.get("train") or {}), **declared}
+        if name in OBJECTIVES and not OBJECTIVES.get(name).needs_dynamics:  # builds its own networks
+            out.pop("dynamics", None)
+        if name in OBJECTIVES and OBJECTIVES.get(name).variational:  # samples itself
+            out.pop("sampler", None)
+    for section in ("objective", "dynamics", "sampler"):
+        if section in block:
+            out[section] = _merge_component(out.get(section), block[section],
+                                            name if section == "objective" else None)
+    if "train" in block:
+        out["train"] = {**(out.get("train") or {}), **dict(block["train"] or {})}
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -445,26 +559,79 @@ def build_component(registry: Registry, spec: Any, **injected: Any) -> Any:
     return obj(**kwargs, **injected)
 
 
+def _bind_sampler(name: str, kwargs: dict) -> Callable:
+    """``sampler(flow, x, cond=None, **extra)``: the registered sampler ``name`` with the recipe's
+    arguments (``extra`` over them); its ``name`` attribute is the registered name."""
+    sampler_fn = SAMPLERS.get(name)
+
+    def sampler(flow, x, cond=None, **extra):
+        return sampler_fn(flow, x, cond=cond, **{**kwargs, **extra})
+
+    sampler.name = name  # type: ignore[attr-defined]
+    return sampler
+
+
 @dataclass
 class Built:
-    """Everything a recipe describes, constructed."""
+    """Everything a recipe describes, constructed. ``sampler`` is ``None`` for an objective that
+    defines no flow to sample (``variational``: it draws from its own ``generate``)."""
 
     recipe: dict
     dataset: Any
     objective: Any
-    sampler: Callable
+    sampler: Optional[Callable]
     train: TrainConfig
     eval: EvalConfig
 
     @property
     def conditional(self) -> bool:
         """Whether the dynamics take a condition (``num_classes`` or ``cond_dim`` set)."""
+        if "dynamics" not in self.recipe:  # an objective that builds its own networks (vae)
+            return False
         _, kwargs = _split(self.recipe["dynamics"])
         return bool(kwargs.get("num_classes") or kwargs.get("cond_dim"))
 
 
-def default_sampler(recipe: Mapping) -> dict:
-    return dict(recipe.get("sampler") or {"name": "dopri5"})
+def default_sampler(recipe: Mapping) -> Optional[dict]:
+    """The recipe's ``sampler`` section, or the default for its objective: the first of
+    :data:`DEFAULT_SAMPLERS` the objective's declared ``provides`` can serve, else the first
+    registered sampler that fits; ``None`` for a variational objective (it samples itself) or
+    one no sampler fits.
+
+    Example:
+        >>> default_sampler({"objective": {"name": "cfm"}}), default_sampler({"objective": {"name": "consistency"}})
+        ({'name': 'dopri5'}, {'name': 'flow_map'})
+        >>> default_sampler({"objective": {"name": "vae"}}) is None
+        True
+    """
+    if recipe.get("sampler"):
+        return dict(recipe["sampler"])
+    objective = _component_name(recipe, "objective", OBJECTIVES)
+    if objective is None:
+        return {"name": DEFAULT_SAMPLERS[0]}
+    if OBJECTIVES.get(objective).variational:
+        return None
+    provides = _provides(objective)
+    fit = [n for n in DEFAULT_SAMPLERS if n in SAMPLERS and _needs(n) <= provides]
+    fit += [n for n in SAMPLERS.names() if _needs(n) <= provides]
+    return {"name": fit[0]} if fit else None
+
+
+def build_data(recipe: Mapping, source: str = "<recipe>") -> Any:
+    """The dataset of a recipe's ``data`` section alone (checked like :func:`validate` checks it;
+    the other sections are neither required nor read): ``flowkit nll --data`` scores a model
+    brought from elsewhere on it.
+
+    Raises:
+        RecipeError: no ``data`` section, or a bad one.
+    """
+    errors: list[str] = []
+    if not isinstance(recipe, Mapping) or "data" not in recipe:
+        raise RecipeError(["data: missing section (the dataset to evaluate on)"], source)
+    _validate_component("data", recipe["data"], DATASETS, INJECTED["data"], errors)
+    if errors:
+        raise RecipeError(errors, source)
+    return build_component(DATASETS, recipe["data"])
 
 
 def build(recipe: Mapping, source: str = "<recipe>") -> Built:
@@ -478,7 +645,7 @@ def build(recipe: Mapping, source: str = "<recipe>") -> Built:
     validate(recipe, source)
     dataset = build_component(DATASETS, recipe["data"])
     shape = tuple(dataset.shape)
-    dyn_name, dyn_kwargs = _split(recipe["dynamics"])
+    dyn_name, dyn_kwargs = _split(recipe["dynamics"]) if "dynamics" in recipe else (None, {})
 
     def make_dynamics(shape: tuple[int, ...] = shape, **overrides: Any):
         """Build the recipe's network (for ``shape``, e.g. one scale of a multiscale CNF)."""
@@ -488,17 +655,13 @@ def build(recipe: Mapping, source: str = "<recipe>") -> Built:
             kwargs["shape"] = tuple(shape)
         return cls(**kwargs)
 
-    _, dkw = _split(recipe["dynamics"])
+    dkw = dyn_kwargs
     if dkw.get("num_classes") and not getattr(dataset, "num_classes", None):
         raise RecipeError([f"dynamics.num_classes: dataset {_split(recipe['data'])[0]} has no labels "
                            "to condition on"], source)
-    objective = build_component(OBJECTIVES, recipe["objective"], dynamics=make_dynamics, shape=shape)
-    sampler_name, sampler_kwargs = _split(default_sampler(recipe))
-    sampler_fn = SAMPLERS.get(sampler_name)
-
-    def sampler(flow, x, cond=None, **extra):
-        return sampler_fn(flow, x, cond=cond, **{**sampler_kwargs, **extra})
-
-    sampler.name = sampler_name  # type: ignore[attr-defined]
+    objective = build_component(OBJECTIVES, recipe["objective"], dynamics=None if dyn_name is None else make_dynamics,
+                                shape=shape)
+    spec = default_sampler(recipe)
+    sampler = None if spec is None else _bind_sampler(*_split(spec))
     return Built(recipe, dataset, objective, sampler,
                  TrainConfig(**(recipe.get("train") or {})), EvalConfig(**(recipe.get("eval") or {})))

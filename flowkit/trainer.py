@@ -141,10 +141,12 @@ def _optimizer(cfg, params):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _schedule(cfg, optimizer):
+def _schedule(cfg, optimizer, spent: Callable[[], float] = lambda: 0.0):
+    """The LR schedule; its progress is the larger of ``step / cfg.steps`` and ``spent()`` (the
+    spent fraction of a time or evaluation budget), so a budgeted run anneals over its budget."""
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
-        frac = min(1.0, step / max(1, cfg.steps))
+        frac = min(1.0, max(step / max(1, cfg.steps), spent()))
         if cfg.schedule == "cosine":
             return warm * 0.5 * (1 + math.cos(math.pi * frac))
         if cfg.schedule == "linear":
@@ -175,8 +177,12 @@ class Trainer:
         check_launch(acc)
         set_seed(cfg.seed, device_specific=True)
         self.objective = built.objective
+        self.step = 0
+        self.train_seconds = 0.0  # budgets' counters, carried over resumes in the checkpoint
+        self.evaluations = 0
+        self._curve_done = 0  # periodic evaluations made of train.curve_points
         self.optimizer = _optimizer(cfg, [p for p in self.objective.parameters() if p.requires_grad])
-        self.scheduler = _schedule(cfg, self.optimizer)
+        self.scheduler = _schedule(cfg, self.optimizer, self._budget_spent)
         self.ema = (AveragedModel(self.objective, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
                     if cfg.ema > 0 else None)
         # The schedule is stepped by us once per optimiser step (train.batch_size is global),
@@ -187,9 +193,6 @@ class Trainer:
         # Every process draws the same global batch and keeps its own slice, so P processes
         # see exactly the data one process would with the same global batch.
         self.data_generator = torch.Generator().manual_seed(cfg.seed * 1000 + 17)
-        self.step = 0
-        self.train_seconds = 0.0  # budgets' counters, carried over resumes in the checkpoint
-        self.evaluations = 0
         self.stopped_by = "steps"
         self.progress = progress and acc.is_local_main_process
         if acc.num_processes > 1 and cfg.batch_size % acc.num_processes:
@@ -254,6 +257,7 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.evaluations = int(state.get("evaluations", 0))
+        self._curve_done = int(self.budget_progress * self.cfg.curve_points + 1e-9)
 
     def _apply_settings(self) -> None:
         """Make ``cfg.lr`` / ``cfg.weight_decay`` rule after a restored optimiser and schedule.
@@ -444,7 +448,7 @@ class Trainer:
                 self._log(record)
                 window_start, window_steps, window_cpu = now, 0, cpu
                 last = record
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+            if self._evaluation_due(last=out_of_budget or self.step >= cfg.steps):
                 self._evaluate_and_log()
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self.save_samples(self.run_dir / "samples" / f"step_{self.step:07d}.png")
@@ -453,6 +457,34 @@ class Trainer:
             if out_of_budget:
                 break
         return last
+
+    def _budget_spent(self) -> float:
+        """The spent fraction of the time and evaluation budgets (the larger; 0 without them)."""
+        cfg, spent = self.cfg, 0.0
+        if cfg.max_seconds is not None:
+            spent = self.train_seconds / cfg.max_seconds
+        if cfg.max_evaluations is not None:
+            spent = max(spent, self.evaluations / cfg.max_evaluations)
+        return min(1.0, spent)
+
+    @property
+    def budget_progress(self) -> float:
+        """The spent fraction of the training budget, in ``[0, 1]``: the largest of
+        ``step / train.steps``, ``train_seconds / train.max_seconds`` and
+        ``evaluations / train.max_evaluations`` (what the LR schedule and
+        ``train.curve_points`` follow)."""
+        return min(1.0, max(self.step / max(1, self.cfg.steps), self._budget_spent()))
+
+    def _evaluation_due(self, last: bool) -> bool:
+        """Whether a periodic evaluation is due after this step (``eval_every``, ``curve_points``,
+        and the last step whenever either is set)."""
+        cfg = self.cfg
+        due = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
+        if cfg.curve_points:
+            k = min(cfg.curve_points, int(self.budget_progress * cfg.curve_points + 1e-9))
+            if k > self._curve_done:
+                self._curve_done, due = k, True
+        return due or (last and bool(cfg.eval_every or cfg.curve_points))
 
     def _out_of_budget(self) -> bool:
         """Whether a budget is spent; with several processes, all of them agree (any one's view)."""
@@ -471,31 +503,58 @@ class Trainer:
         return spent is not None
 
     def _evaluate_and_log(self) -> None:
-        """Test NLL (at most 2,000 points, no sample metrics) by the one evaluator, in data units."""
+        """Test NLL (``train.eval_points`` points) and, with ``train.eval_samples``, sample
+        metrics, by the one evaluator in data units; logged with the budget counters
+        (``train_seconds``, ``evaluations``) so that quality can be drawn against either."""
         from .evaluate import evaluate_model
         from .flow import NonFiniteFieldError
         from dataclasses import replace
 
         if not self.accelerator.is_main_process:
             return
-        ev = replace(self.built.eval, n=min(self.built.eval.n, 2000), metrics=False)
+        cfg = self.cfg
         model = self.eval_objective()
+        # a model without a density (declared) is evaluated by its samples alone: always draw some
+        samples = cfg.eval_samples or (0 if getattr(type(model), "defines_density", True) else cfg.eval_points)
+        ev = replace(self.built.eval, n=min(self.built.eval.n, cfg.eval_points), metrics=samples > 0,
+                     metric_samples=max(1, samples))
         model.eval()
+        start = time.perf_counter()
         try:
             res = evaluate_model(model, self.built.dataset, self.built.sampler, ev,
                                  conditional=self.built.conditional, device=self.accelerator.device).metrics
         except NonFiniteFieldError as exc:  # the model itself went non-finite: not a user error
             raise self._diverged(f"the periodic evaluation found the model non-finite ({exc})") from None
         model.train()
-        self._log({"step": self.step, "eval_nll": res["nll"], "eval_bpd": res["bpd"], "eval_nfe": res["nfe"]})
+        record = {"step": self.step, "train_seconds": self.train_seconds, "evaluations": self.evaluations,
+                  "eval_nll": res["nll"], "eval_bpd": res["bpd"], "eval_nfe": res["nfe"]}
+        record.update({f"eval_{k}": res[k] for k in ("energy_distance", "mmd", "sliced_w2", "feature_fd") if k in res})
+        if getattr(type(model), "variational", False):  # nll is the IWAE bound; the ELBO beside it
+            record.update(eval_neg_elbo=res["neg_elbo"], eval_iwae_k=res["iwae_k"])
+        record["eval_seconds"] = time.perf_counter() - start
+        self._log(record)
 
     def save_samples(self, path: Path, n: int = 2000) -> None:
+        """Pictures of the model at this step: 2-D samples over the data, or, for a variational
+        model of images, prior samples and ``<stem>_reconstructions.png``."""
         from .evaluate import generate
         from .plotting import plot_samples
 
-        if not self.accelerator.is_main_process or tuple(self.built.dataset.shape) != (2,):
+        if not self.accelerator.is_main_process:
             return
         model = self.eval_objective()
+        if getattr(type(model), "variational", False):  # declared: it draws its own samples, no flow
+            if len(tuple(self.built.dataset.shape)) == 3:
+                from .evaluate import variational_pictures
+                from .plotting import plot_image_grid
+
+                samples, pairs = variational_pictures(model, self.built.dataset, 64)
+                dataset = self.built.dataset
+                plot_image_grid(samples, path, dataset=dataset)
+                plot_image_grid(pairs, path.with_name(f"{path.stem}_reconstructions{path.suffix}"), dataset=dataset)
+            return
+        if tuple(self.built.dataset.shape) != (2,):
+            return
         model.eval()
         res = generate(model.flow(), self.built.sampler, n, seed=0, device=self.accelerator.device)
         model.train()

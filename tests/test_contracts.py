@@ -120,6 +120,42 @@ EXAMPLES: dict[str, dict[str, Any]] = {
             {"data": {"name": "8gaussians"}, "dynamics": {"name": "concatsquash", "hidden": [8]},
              "objective": {"name": "score_matching", "sde": {"name": "subvp"}, "parameterisation": "score"}},
         ],
+        "consistency": [
+            {"data": {"name": "8gaussians"}, "dynamics": {"name": "mlp", "hidden": [8]},
+             "objective": {"name": "consistency", "curriculum_steps": 10},
+             "sampler": {"name": "flow_map"}},  # the default sampler, dopri5, needs a velocity
+            {"data": {"name": "8gaussians"}, "dynamics": {"name": "concatsquash", "hidden": [8]},
+             "objective": {"name": "consistency", "path": {"name": "cond_ot", "t1": 0.99}, "loss": "l2",
+                           "target_ema": 0.9, "start_scales": 4, "end_scales": 8, "curriculum_steps": 4},
+             "sampler": {"name": "flow_map"}},
+        ],
+        "consistency_distillation": [  # the teacher is handed over by the test (a closed-form flow)
+            {"data": {"name": "8gaussians"}, "dynamics": {"name": "mlp", "hidden": [8]},
+             "objective": {"name": "consistency_distillation", "teacher": "closed-form teacher attached by the test",
+                           "method": "euler"},
+             "sampler": {"name": "flow_map"}},
+        ],
+        "meanflow": [
+            {"data": {"name": "8gaussians"}, "dynamics": {"name": "mlp", "hidden": [8]},
+             "objective": {"name": "meanflow"}},
+            {"data": {"name": "8gaussians"}, "dynamics": {"name": "concatsquash", "hidden": [8]},
+             "objective": {"name": "meanflow", "path": {"name": "vp"}, "time_sampler": "uniform",
+                           "weight_power": 0.0}},
+        ],
+        "vae": [  # builds its own networks: no dynamics section
+            {"data": {"name": "digits", "binarize": True},
+             "objective": {"name": "vae", "latent": 2, "encoder": [8], "decoder": [8]}},
+            {"data": {"name": "digits", "binarize": True},
+             "objective": {"name": "vae", "latent": 3, "encoder": [8], "decoder": [],
+                           "posterior": {"name": "planar", "flows": 2}}},
+            {"data": {"name": "8gaussians"},
+             "objective": {"name": "vae", "latent": 2, "encoder": [8], "decoder": [8], "likelihood": "gaussian",
+                           "posterior": {"name": "iaf", "flows": 2, "hidden": [8]}}},
+            {"data": {"name": "digits"},
+             "objective": {"name": "vae", "latent": 2, "encoder": [8], "decoder": [8], "likelihood": "gaussian",
+                           "decoder_std": 0.1, "posterior": {"name": "ffjord", "hidden": [4], "blocks": 2,
+                                                             "method": "rk4", "steps": 2, "divergence": "hutchinson"}}},
+        ],
         "diffflow": [
             {"data": {"name": "8gaussians"}, "dynamics": {"name": "mlp", "hidden": [8]},
              "objective": {"name": "diffflow", "steps": 3}},
@@ -138,6 +174,13 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "probability_flow": {"fast": {"method": "rk4", "steps": 2}, "accurate": {}},
         "euler_maruyama": {"fast": {"steps": 3, "seed": 0}, "accurate": {"steps": 100, "seed": 0}},
         "predictor_corrector": {"fast": {"steps": 3, "seed": 0}, "accurate": {"steps": 100, "seed": 0}},
+        "flow_map": {"fast": {"steps": 1}, "accurate": {"steps": 2}},
+        "ddim": {"fast": {"steps": 2}, "accurate": {"steps": 64}},
+        "dpmpp_2m": {"fast": {"steps": 2}, "accurate": {"steps": 20}},
+        "dpmpp_3m": {"fast": {"steps": 3}, "accurate": {"steps": 20}},
+        "unipc": {"fast": {"steps": 2}, "accurate": {"steps": 20}},
+        "edm_heun": {"fast": {"steps": 2}, "accurate": {"steps": 40}},
+        "sde_dpmpp_2m": {"fast": {"steps": 3, "seed": 0}, "accurate": {"steps": 50, "seed": 0}},
     },
     "coupling": {
         "independent": {},
@@ -166,6 +209,12 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "hepmass": {"name": "hepmass", "root": "{maf_root}"},
         "miniboone": {"name": "miniboone", "root": "{maf_root}", "split": "validation"},
         "bsds300": {"name": "bsds300", "root": "{maf_root}"},
+    },
+    "posterior": {  # constructor keyword arguments; bound to latent 3, context 4 by the test
+        "gaussian": {},
+        "planar": {"flows": 2},
+        "iaf": {"flows": 2, "hidden": [8]},
+        "ffjord": {"hidden": [8], "method": "rk4", "steps": 2},
     },
     "path": {
         "vp": {"beta_min": 0.1, "beta_max": 20.0},
@@ -199,7 +248,7 @@ def test_every_registered_component_declares_an_example():
         stale = sorted(set(EXAMPLES[registry.kind]) - set(registry.names()))
         assert not missing, f"{registry.kind}: registered without a contract example: {missing}"
         assert not stale, f"{registry.kind}: examples for names no longer registered: {stale}"
-    for kind in ("dynamics", "objective", "sampler", "coupling", "dataset", "path"):
+    for kind in ("dynamics", "objective", "sampler", "coupling", "dataset", "path", "posterior"):
         assert _cases(kind), f"the {kind} registry is empty"
 
 
@@ -361,6 +410,13 @@ def _check_part(flow: Flow, part: str, x: Tensor) -> None:
         assert out.shape == x.shape and bool(torch.isfinite(out).all()), f"flow.{part} shape {tuple(out.shape)}"
 
 
+def _probe(flow: Flow, t: Tensor, x: Tensor, cond) -> Tensor:
+    """What the model computes at ``(t, x)``: its velocity, or its flow map to ``t0`` where it has no velocity."""
+    if flow.velocity is None:
+        return flow.flow_map(x, t.expand(x.shape[0]), torch.tensor(float(flow.t0)).expand(x.shape[0]), cond)
+    return flow.velocity(t, x, cond) if cond is not None else flow.velocity(t, x)
+
+
 @pytest.mark.parametrize("name, index", _objective_cases())
 def test_objective_contract(name, index):
     built = _build(name, index)
@@ -379,6 +435,10 @@ def test_objective_contract(name, index):
     dead = [n for n, p in trainable if p.grad is None or not bool(p.grad.abs().sum() > 0)]
     assert not dead, f"{name}: the loss does not reach {dead}"
 
+    if type(objective).variational:  # declared: no flow; evaluated by its bounds instead
+        _check_variational(name, index, built, x)
+        return
+
     # flow() has exactly the declared parts
     provides = type(objective).provides
     assert provides <= set(FLOW_PARTS)
@@ -395,7 +455,7 @@ def test_objective_contract(name, index):
     objective.eval()
     with torch.no_grad():
         t = torch.tensor(0.5 * (flow.t0 + flow.t1))
-        expected_v = flow.velocity(t, x, cond) if cond is not None else flow.velocity(t, x)
+        expected_v = _probe(flow, t, x, cond)
         expected_loss = _seeded_loss(objective, x, cond)
     buffer = io.BytesIO()
     torch.save(objective.state_dict(), buffer)
@@ -409,9 +469,33 @@ def test_objective_contract(name, index):
         assert same, f"{name}: {key} differs after the round trip"
     fresh_flow = fresh.flow()
     with torch.no_grad():
-        v = fresh_flow.velocity(t, x, cond) if cond is not None else fresh_flow.velocity(t, x)
+        v = _probe(fresh_flow, t, x, cond)
         assert torch.equal(v, expected_v)
         assert torch.equal(_seeded_loss(fresh, x, cond), expected_loss)
+
+
+def _check_variational(name: str, index: int, built, x: Tensor) -> None:
+    """A variational objective provides nothing and defines no density; its evaluation methods
+    give finite bounds (IWAE ≤ negative ELBO), pictures of the data's shape, and a weights-only
+    ``state_dict`` round trip reproduces its loss and bounds."""
+    objective = built.objective.eval()
+    assert type(objective).provides == frozenset() and not type(objective).defines_density
+    with pytest.raises(flowkit.FieldError, match="defines no flow"):
+        objective.flow()
+    res = objective.evaluate_elbo(x, k=4, generator=torch.Generator().manual_seed(0))
+    assert all(math.isfinite(res[k]) for k in ("neg_elbo", "neg_elbo_sem", "iwae_nll", "iwae_nll_sem", "recon", "kl"))
+    assert res["iwae_nll"] <= res["neg_elbo"] + 1e-5 and res["n"] == x.shape[0]
+    assert objective.reconstruct(x).shape == x.shape
+    assert objective.generate(3, torch.Generator().manual_seed(0)).shape == (3, *built.dataset.shape)
+    expected_loss = _seeded_loss(objective, x, None)
+    expected = objective.evaluate_elbo(x, k=4, generator=torch.Generator().manual_seed(1))
+    buffer = io.BytesIO()
+    torch.save(objective.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = _build(name, index, seed=99).objective.eval()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(_seeded_loss(fresh, x, None), expected_loss)
+    assert fresh.evaluate_elbo(x, k=4, generator=torch.Generator().manual_seed(1)) == expected
 
 
 def _sampler_needs(name: str) -> frozenset:
@@ -423,8 +507,13 @@ def test_objective_flow_serves_every_sampler_that_fits(name, index):
     built = _build(name, index)
     objective = built.objective.eval()
     provides = type(objective).provides
-    flow = objective.flow()
     recipe = EXAMPLES["objective"][name][index]
+    if type(objective).variational:  # no flow: every sampler is refused before anything is built
+        for sampler in _cases("sampler"):
+            with pytest.raises(RecipeError, match="sampler: objective .* defines no flow"):
+                flowkit.validate({**recipe, "sampler": {"name": sampler, **EXAMPLES["sampler"][sampler]["fast"]}})
+        return
+    flow = objective.flow()
     x = flow.prior.sample(4, generator=torch.Generator().manual_seed(0))
     for sampler in _cases("sampler"):
         fits = _sampler_needs(sampler) <= provides
@@ -449,6 +538,41 @@ def test_objective_flow_serves_every_sampler_that_fits(name, index):
 
 
 # --------------------------------------------------------------------------------------------
+# posteriors (of variational objectives)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", _cases("posterior"))
+def test_posterior_contract(name):
+    """``(z, log q)`` of the right shapes and finite; eval mode deterministic for fixed noise; the
+    gradient of ``log q`` and ``z`` reaches every parameter; a ``state_dict`` round trip."""
+    torch.manual_seed(0)
+    q = flowkit.posteriors.POSTERIORS.build(name, **EXAMPLES["posterior"][name]).bind(latent=3, context=4)
+    g = torch.Generator().manual_seed(1)
+    h, eps = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
+    z, log_q = q(h, eps)
+    assert z.shape == (5, 3) and log_q.shape == (5,) and bool(torch.isfinite(z).all() and torch.isfinite(log_q).all())
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(1e-2 * torch.randn_like(p))
+    q.zero_grad()
+    z, log_q = q(h, eps)
+    (log_q.sum() + (z * torch.randn_like(z)).sum()).backward()
+    dead = [n for n, p in q.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert not dead, f"{name}: no gradient reaches {dead}"
+    q.eval()
+    expected = q(h, eps)
+    buffer = io.BytesIO()
+    torch.save(q.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(5)
+    fresh = flowkit.posteriors.POSTERIORS.build(name, **EXAMPLES["posterior"][name]).bind(latent=3, context=4).eval()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    again = fresh(h, eps)
+    assert torch.equal(again[0], expected[0]) and torch.equal(again[1], expected[1])
+
+
+# --------------------------------------------------------------------------------------------
 # samplers
 # --------------------------------------------------------------------------------------------
 
@@ -465,6 +589,11 @@ def _gaussian_flow(path: GaussianPath, shape=(2,)) -> tuple[Flow, Callable[[floa
 
     flow = flow_from_score(lambda t, x, cond=None: -x / var(t).to(x), path, shape,
                            prior=StandardNormal(tuple(shape), float(var(path.t1).sqrt())))
+
+    def flow_map(x: Tensor, t: Tensor, s: Tensor, cond=None) -> Tensor:  # the ODE's map: x_t sqrt(v_s / v_t)
+        return x * (var(s) / var(t)).sqrt().to(x).reshape(-1, *([1] * (x.dim() - 1)))
+
+    flow.flow_map = flow_map
     return flow, lambda t: float(var(t))
 
 
@@ -743,3 +872,22 @@ def test_path_contract(kind, name):
     assert abs(marginal_std / path.prior_std - 1) < 1e-2, f"{name}: p_t1 std {marginal_std}, prior {path.prior_std}"
     assert float(end.sigma[1] / end.alpha[1].clamp_min(1e-300)) > 10, "the noise must dominate at t1"
     assert path.prior((2,)).shape == (2,)
+
+
+def _declared_order_cases() -> list:
+    return [pytest.param(name, id=name) for name in _cases("sampler")
+            if getattr(flowkit.SAMPLERS.get(name), "order", None) is not None and name not in METHODS]
+
+
+@pytest.mark.parametrize("name", _declared_order_cases())
+def test_sampler_converges_at_its_declared_order(name, float64):
+    """Semi-linear samplers (DDIM, DPM-Solver++, UniPC, EDM Heun) declare an order; halving the step
+    divides the endpoint error on a Gaussian (exact flow known) by about 2^order."""
+    flow, var = _gaussian_flow(VP(beta_max=4.0))
+    flow = _only(flow, _sampler_needs(name))
+    x1 = flow.prior.sample(16, generator=torch.Generator().manual_seed(0))
+    exact = x1 * math.sqrt(var(flow.t0) / var(flow.t1))
+    sampler = flowkit.SAMPLERS.get(name)
+    errors = [float((sampler(flow, x1, steps=n, final="t0").x - exact).abs().max()) for n in (64, 128, 256)]
+    measured = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    assert abs(measured[-1] - sampler.order) <= 0.5, f"{name}: errors {errors}, orders {measured}, declared {sampler.order}"

@@ -83,7 +83,7 @@ def _settable(obj, injected=()):
 COMPONENT_REGISTRIES = {
     "dynamics": flowkit.DYNAMICS, "objective": flowkit.OBJECTIVES, "sampler": flowkit.SAMPLERS,
     "data": flowkit.DATASETS, "objective.sde": flowkit.PATHS, "objective.path": flowkit.PATHS,
-    "objective.coupling": flowkit.COUPLINGS,
+    "objective.coupling": flowkit.COUPLINGS, "objective.posterior": flowkit.posteriors.POSTERIORS,
 }
 
 
@@ -143,13 +143,31 @@ def _base_for(section: str, name: str) -> dict:
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             spec[key] = {"name": "8gaussians"} if key in nested else "/nonexistent/flowkit-test"
     if sub:  # a nested component: put it in an objective that takes it
-        host = {"sde": "score_matching", "path": "cfm", "coupling": "cfm"}[sub]
+        host = {"sde": "score_matching", "path": "cfm", "coupling": "cfm", "posterior": "vae"}[sub]
         recipe["objective"] = {"name": host, sub: spec}
     else:
         recipe[top] = spec
+    host = COMPONENT_REGISTRIES["objective"].get(recipe["objective"]["name"])
+    if not host.needs_dynamics:  # builds its own networks (vae)
+        recipe.pop("dynamics")
+    if host.variational:  # samples itself: no sampler section
+        recipe.pop("sampler")
+        recipe["data"] = {"name": "digits", "binarize": True}
     if top == "dynamics" and name in ("unet", "concat_conv"):
         recipe["data"] = {"name": "digits"}
+    if "sampler" in recipe and not _fits(recipe["objective"]["name"], recipe["sampler"]["name"]):
+        if top == "sampler":  # host the sampler in an objective whose flow can feed it
+            recipe["objective"] = {"name": next(
+                o for o in flowkit.OBJECTIVES.names() if _fits(o, name) and not _required_args(o))}
+        else:  # the default sampler is one the objective can feed (recipe.default_sampler)
+            recipe.pop("sampler")
     return recipe
+
+
+def _required_args(objective: str) -> list[str]:
+    sig = inspect.signature(flowkit.OBJECTIVES.get(objective))
+    return [k for k, p in sig.parameters.items() if p.default is p.empty and k not in INJECTED["objective"]
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 VALUES = {"0": 0, "-1": -1, ".nan": math.nan, ".inf": math.inf, "-.inf": -math.inf, "true": True}
@@ -268,14 +286,19 @@ def _construct_with(section: str, name: str, key: str, values: list) -> None:
 # ------------------------------------------------------------------ capabilities
 
 def _small_objective(name: str):
-    kwargs = {"teacher": "/nonexistent/teacher-run"} if name == "rectified_flow" else {}
     obj = flowkit.OBJECTIVES.get(name)
+    kwargs = {"teacher": "/nonexistent/teacher-run"} if "teacher" in _required_args(name) else {}
     return obj(dynamics=lambda **kw: flowkit.dynamics.MLP(dim=2, hidden=[8], **kw), shape=(2,), **kwargs)
 
 
 @pytest.mark.parametrize("name", [n for n in flowkit.OBJECTIVES.names() if not n.startswith("test_")])
 def test_objective_provides_exactly_what_its_flow_has(name):
     declared = flowkit.OBJECTIVES.get(name).provides
+    if flowkit.OBJECTIVES.get(name).variational:  # no flow at all, and it says so
+        assert declared == frozenset()
+        with pytest.raises(flowkit.FieldError, match="defines no flow"):
+            _small_objective(name).flow()
+        return
     flow = _small_objective(name).flow()
     actual = {part for part in FLOW_PARTS if getattr(flow, part) is not None}
     assert declared == actual
@@ -284,7 +307,8 @@ def test_objective_provides_exactly_what_its_flow_has(name):
 def _flow_with(parts: set[str]) -> Flow:
     one = lambda t: torch.ones_like(torch.as_tensor(t, dtype=torch.float32))  # noqa: E731
     full = dict(velocity=lambda t, x, c=None: -0.5 * x, score=lambda t, x, c=None: -x,
-                drift=lambda t, x, c=None: 0 * x, diffusion=one, denoise=lambda t, x, c=None: x)
+                drift=lambda t, x, c=None: 0 * x, diffusion=one, denoise=lambda t, x, c=None: x,
+                path=flowkit.PATHS.build("vp"), flow_map=lambda x, t, s, c=None: x)
     kwargs = {k: v for k, v in full.items() if k in parts}
     kwargs.setdefault("velocity", None)
     return Flow(prior=StandardNormal((2,)), **kwargs)
@@ -312,9 +336,17 @@ def _fits(objective: str, sampler: str) -> bool:
 @pytest.mark.parametrize("objective", [n for n in flowkit.OBJECTIVES.names() if not n.startswith("test_")])
 def test_check_refuses_a_sampler_the_objective_cannot_feed(objective, tmp_path, capsys):
     recipe = {**BASE, "objective": _base_for("objective", objective)["objective"]}
+    variational = flowkit.OBJECTIVES.get(objective).variational
+    if variational:  # its own base recipe (no dynamics), then any sampler section is refused
+        recipe = _base_for("objective", objective)
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
-    fit = [s for s in flowkit.SAMPLERS.names() if _fits(objective, s)]
+    fit = [] if variational else [s for s in flowkit.SAMPLERS.names() if _fits(objective, s)]
+    if variational:
+        for sampler in flowkit.SAMPLERS.names():
+            rc, err = _check(recipe_file, [f"sampler={sampler}"], capsys)
+            assert rc == 2 and f"sampler: objective {objective} defines no flow to sample" in err
+        return
     for sampler in flowkit.SAMPLERS.names():
         rc, err = _check(recipe_file, [f"sampler={sampler}"], capsys)
         if sampler in fit:

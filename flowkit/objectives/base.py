@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,22 @@ class Objective(nn.Module):
       probability-flow ODE). ``False`` for models that only learn a map (a consistency
       model): ``flowkit nll`` then refuses with a clear message instead of printing a number
       that looks like a likelihood;
+    * ``variational`` — a latent-variable model evaluated by bounds, not by a flow: it
+      provides nothing, and the application calls its ``evaluate_elbo(x, k)`` (negative ELBO
+      and IWAE bound, each with its standard error), ``reconstruct(x)`` and
+      ``generate(n, generator)`` instead of :meth:`flow` (``vae``);
+    * ``needs_dynamics`` — whether the objective builds its networks from the recipe's
+      ``dynamics`` section; ``False`` (``vae``: it builds its own encoder, decoder and
+      posterior) makes :func:`flowkit.recipe.validate` refuse a ``dynamics`` section;
     * ``argument_rules`` — declared :class:`~flowkit.constraints.Rule` objects: constructor
       arguments that cannot work together;
+    * ``training_defaults`` — ``train`` settings (:class:`~flowkit.config.TrainConfig`
+      fields: ``lr``, ``batch_size``, ``ema``, ``grad_clip``, ...) the objective needs to
+      train well, from its paper. ``flowkit compare --objectives`` gives them to a run it
+      swaps the objective into, over the base recipe's ``train`` section (written for
+      another objective) and under the recipe's ``compare: {<objective>: {train: ...}}``
+      block (:func:`flowkit.recipe.swap_objective`); a contract test checks that they are
+      valid settings;
     * the constructor's annotations — types and ranges (:mod:`flowkit.constraints`).
     """
 
@@ -61,7 +75,10 @@ class Objective(nn.Module):
     #: (:func:`flowkit.teacher.attach_teacher`; ``rectified_flow``)
     needs_teacher: ClassVar[bool] = False
     defines_density: ClassVar[bool] = True
+    variational: ClassVar[bool] = False
+    needs_dynamics: ClassVar[bool] = True
     argument_rules: ClassVar[tuple[Rule, ...]] = ()
+    training_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()

@@ -127,7 +127,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -269,6 +269,8 @@ class DiffFlow(Objective):
 
     # the PF-ODE velocity, the learned score and forward SDE; no Tweedie denoiser
     provides: ClassVar[frozenset[str]] = frozenset({"velocity", "score", "drift", "diffusion"})
+    #: Zhang & Chen 2021 2-D settings, as recipes/diffflow_rings.yaml: Adam 1e-2, batch 1000
+    training_defaults: ClassVar[Mapping[str, Any]] = {"lr": 1e-2, "batch_size": 1000}
     argument_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(("milestones", "steps"),
              lambda a: len([a["steps"]] if isinstance(a["steps"], int) else a["steps"]) == len(a["milestones"]) + 1,

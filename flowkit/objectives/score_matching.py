@@ -89,7 +89,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Mapping, Optional
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -199,6 +199,9 @@ class ScoreMatching(Objective):
     nested: ClassVar[Mapping[str, Registry]] = {"sde": PATHS}
     # flow_from_score: PF-ODE velocity, score, forward SDE and Tweedie's denoiser
     provides: ClassVar[frozenset[str]] = frozenset({"velocity", "score", "drift", "diffusion", "denoise", "path"})
+    #: Song et al. 2021: EMA of the weights and gradient clipping at norm 1 (their configs); rate and
+    #: batch of recipes/score_{vp_8gaussians,ve_checkerboard}.yaml
+    training_defaults: ClassVar[Mapping[str, Any]] = {"lr": 2e-3, "batch_size": 512, "ema": 0.999, "grad_clip": 1.0}
     argument_rules: ClassVar[tuple[Rule, ...]] = (
         Rule(("importance_sampling", "weighting"),
              lambda a: not a["importance_sampling"] or a["weighting"] == "likelihood",
