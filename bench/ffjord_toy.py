@@ -13,7 +13,23 @@ the same machine in the same run.
     python bench/ffjord_toy.py                     # 1,000 iterations, both datasets, 1 thread
     python bench/ffjord_toy.py --iters 200 --datasets 8gaussians --baseline-iters 50
 
-Results: ``bench/results/ffjord_toy.json`` and ``.md``.
+**Whole process against the official code** (``--whole-process N --official DIR``): the
+official FFJORD toy script (``train_toy.py`` of https://github.com/rtqichen/ffjord, fetched
+beside the repository — ``git clone https://github.com/rtqichen/ffjord DIR`` — never vendored)
+and ``flowkit train recipes/ffjord_<dataset>.yaml`` are each run as a fresh process for ``N``
+iterations, interleaved ``--repeats`` times (the order alternating), one thread each
+(``OMP_NUM_THREADS=1``, ``train.threads=1``), timing the whole process: interpreter start,
+imports, model building, the training loop with its logging, checkpoints and (official) its
+validation every 100 iterations. The official script runs with its own defaults for the toy
+model (concatsquash 64-64-64, tanh, T = 0.5 learnt, brute-force trace, dopri5 at 1e-5,
+adjoint, batch 100, Adam 1e-3) and ``--viz_freq`` past the end (no figures), and its
+post-training trajectory plot — which fails on current matplotlib — is replaced by a no-op
+(the training itself is untouched). Results are added to ``ffjord_toy_<dataset>.{json,md}``
+(``whole_process``), next to the last full-length (NLL) table, which they leave in place.
+
+    python bench/ffjord_toy.py --datasets 8gaussians --whole-process 300 --official /tmp/ffjord --repeats 2
+
+Results: ``bench/results/ffjord_toy.json`` and ``.md`` (``--tag``: ``ffjord_toy_<tag>``).
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flowkit  # noqa: E402
+from benchinfo import cpu_name  # noqa: E402
 from flowkit.config import EvalConfig  # noqa: E402
 
 # Official FFJORD on this 2-core CPU, torch 2.13, one thread, 1,000 iterations (issue #2).
@@ -141,6 +158,88 @@ def run_plain_baseline(dataset: str, iters: int, seed: int) -> dict:
             "nfe_backward_last": func.nfe - nfe_f, "loss_last": float(loss)}
 
 
+# the official toy script, run from its checkout: its post-training trajectory plot (which fails on
+# current matplotlib) replaced by a no-op, nothing else touched
+_OFFICIAL_RUNNER = ("import runpy, sys; sys.path.insert(0, '.'); import diagnostics.viz_toy as v; "
+                    "v.save_trajectory = v.trajectory_to_video = lambda *a, **k: None; "
+                    "sys.argv = ['train_toy.py', *sys.argv[1:]]; runpy.run_path('train_toy.py', run_name='__main__')")
+
+
+def _timed_process(cmd: list[str], cwd: Path) -> dict:
+    """Run ``cmd`` to completion with one thread; wall seconds and the child's CPU seconds."""
+    import os
+    import resource
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "load_1min_before": load}
+
+
+def run_whole_process(dataset: str, iters: int, official: Path, repeats: int, out: Path) -> dict:
+    """Interleaved whole-process training runs: flowkit's recipe CLI against the official script."""
+    import re
+
+    runs = out / "runs" / "whole_process"
+    runs.mkdir(parents=True, exist_ok=True)
+    flowkit_cmd = [sys.executable, "-m", "flowkit", "train", str(ROOT / f"recipes/ffjord_{dataset}.yaml"),
+                   f"train.steps={iters}", "train.threads=1", "--out", str(runs / "flowkit"), "--overwrite",
+                   "--no-progress"]
+    official_cmd = [sys.executable, "-c", _OFFICIAL_RUNNER, "--data", dataset, "--dims", "64-64-64",
+                    "--layer_type", "concatsquash", "--num_blocks", "1", "--time_length", "0.5", "--train_T", "True",
+                    "--divergence_fn", "brute_force", "--nonlinearity", "tanh", "--solver", "dopri5",
+                    "--atol", "1e-5", "--rtol", "1e-5", "--batch_size", "100", "--niters", str(iters),
+                    "--viz_freq", str(iters + 1), "--save", str(runs / "official")]
+    results: dict[str, list[dict]] = {"flowkit": [], "official": []}
+    for r in range(repeats):
+        order = ("flowkit", "official") if r % 2 == 0 else ("official", "flowkit")
+        for name in order:
+            if name == "flowkit":
+                res = _timed_process(flowkit_cmd, ROOT)
+                records = [json.loads(line) for line in (runs / "flowkit" / "metrics.jsonl").read_text().splitlines()]
+                res["train_loss_last"] = records[-1]["nll"]
+                res["nfe_last"] = records[-1]["nfe"]
+            else:
+                res = _timed_process(official_cmd, official)
+                lines = (runs / "official" / "logs").read_text().splitlines()
+                last = [ln for ln in lines if "| Loss" in ln and "[TEST]" not in ln][-1]
+                res["train_loss_last"] = float(re.search(r"Loss ([-0-9.]+)", last).group(1))
+                res["nfe_last"] = float(re.search(r"NFE Forward (\d+)", last).group(1))
+            results[name].append(res)
+            print(name, json.dumps(res), flush=True)
+    summary = {name: {"wall_s": statistics.median(r["wall_s"] for r in rs),
+                      "cpu_s": statistics.median(r["cpu_s"] for r in rs)} for name, rs in results.items()}
+    return {"iters": iters, "repeats": repeats, "runs": results, "median": summary,
+            "wall_ratio": summary["flowkit"]["wall_s"] / summary["official"]["wall_s"],
+            "cpu_ratio": summary["flowkit"]["cpu_s"] / summary["official"]["cpu_s"]}
+
+
+def whole_process_lines(wp: dict, dataset: str) -> list[str]:
+    lines = [f"## Whole process, {wp['iters']} iterations: `flowkit train` against the official `train_toy.py` "
+             f"({dataset})", "",
+             f"{wp['repeats']} interleaved repeats, one thread each; wall counts other processes' turns on the shared "
+             "cores (1-minute load average before each run in the table), CPU is the process's own.", "",
+             "| run | program | wall s | CPU s | load before | last training loss | NFE forward (last) |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("flowkit", "official"):
+        for i, r in enumerate(wp["runs"][name]):
+            lines.append(f"| {i} | {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['load_1min_before']:.2f} | "
+                         f"{r['train_loss_last']:.3f} | {r['nfe_last']:.0f} |")
+    m = wp["median"]
+    lines += ["", f"median: flowkit {m['flowkit']['wall_s']:.1f} s wall / {m['flowkit']['cpu_s']:.1f} s CPU, official "
+              f"{m['official']['wall_s']:.1f} s wall / {m['official']['cpu_s']:.1f} s CPU: **{wp['wall_ratio']:.2f}× "
+              f"wall, {wp['cpu_ratio']:.2f}× CPU** (target ≤ 0.5×)."]
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=1000)
@@ -152,7 +251,34 @@ def main() -> None:
     p.add_argument("--override", nargs="*", default=[], help="recipe overrides for flowkit's runs")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
     p.add_argument("--tag", default="")
+    p.add_argument("--whole-process", type=int, default=0, metavar="N",
+                   help="time N-iteration whole-process runs against the official code (needs --official)")
+    p.add_argument("--official", default=None, help="a checkout of https://github.com/rtqichen/ffjord")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of --whole-process")
     args = p.parse_args()
+    if args.whole_process:
+        if not args.official or not (Path(args.official) / "train_toy.py").exists():
+            p.error("--whole-process needs --official DIR, a checkout of https://github.com/rtqichen/ffjord "
+                    "(git clone https://github.com/rtqichen/ffjord DIR)")
+        import os
+
+        out = Path(args.out)
+        for dataset in args.datasets:
+            wp = run_whole_process(dataset, args.whole_process, Path(args.official), args.repeats, out)
+            wp.update(machine=cpu_name(), date=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__,
+                      load_average_end=os.getloadavg(), shared_machine=True)
+            path = out / f"ffjord_toy_{dataset}.json"
+            data = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
+            data["whole_process"] = wp
+            path.write_text(json.dumps(data, indent=1))
+            md = out / f"ffjord_toy_{dataset}.md"
+            previous = md.read_text().split("\n## Whole process")[0].rstrip("\n") if md.exists() else ""
+            text = "\n".join([previous, "", *whole_process_lines(wp, dataset),
+                              f"", f"machine: {wp['machine']}, torch {wp['torch']}, {wp['date']}; load average at "
+                              f"the end {tuple(round(v, 2) for v in wp['load_average_end'])}"]) + "\n"
+            md.write_text(text)
+            print(text)
+        return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +301,7 @@ def main() -> None:
             print(json.dumps(row, indent=1))
     import os
 
-    meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+    meta = {"machine": cpu_name(), "threads": args.threads,
             "load_average_end": os.getloadavg(),
             "torch": torch.__version__, "override": args.override, "tag": args.tag,
             "date": time.strftime("%Y-%m-%d %H:%M")}

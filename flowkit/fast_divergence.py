@@ -46,14 +46,35 @@ from torch import Tensor, nn
 
 from .flow import FieldError
 
-__all__ = ["PATHS", "STRATEGIES", "FastDivergence", "FastPaths", "FieldWrapper", "DivergenceDeclarationError",
-           "declared_paths", "bind", "choose_strategy"]
+__all__ = ["PATHS", "STRATEGIES", "EXACT_TRACE_BY_DIM", "FastDivergence", "FastPaths", "FieldWrapper",
+           "DivergenceDeclarationError", "declared_paths", "bind", "choose_strategy"]
 
 #: the fast paths a network may declare, and the method each one names
 PATHS: dict[str, str] = {"jacobian": "forward_with_jacobian", "jvp": "forward_with_jvp", "bottleneck": "split"}
 
 #: how :func:`flowkit.trace.divergence` computes ``tr ∂f/∂x`` (see :func:`choose_strategy`)
-STRATEGIES = ("finite_difference", "jacobian", "exact", "bottleneck", "jvp", "hutchinson")
+STRATEGIES = ("finite_difference", "jacobian", "exact", "exact_loop", "bottleneck", "jvp", "hutchinson")
+
+#: The generic exact trace (no declared ``jacobian`` path) by event dimension ``D``, device and use
+#: (``"eval"``: the divergence only; ``"train"``: with its graph for a backward pass): rows of
+#: ``(largest D, strategy)``, the first row whose bound holds wins (None: any D). ``exact`` takes
+#: the ``D`` vector–Jacobian products in one batched backward (``is_grads_batched``),
+#: ``exact_loop`` as ``D`` separate backward passes. Measured by ``bench/trace_strategies.py``
+#: (``bench/results/trace_strategies.md``: flowkit's ``mlp``, SiLU 64-64-64, batch 1,000, one
+#: CPU thread, median of interleaved repeats on a shared 2-core AMD EPYC), where forward mode
+#: (``torch.func.jvp`` per basis vector: 2–5× slower at every D), ``vmap`` of ``jacfwd`` /
+#: ``jacrev`` (never clearly ahead of the better of these two, and only for fields ``vmap`` can
+#: trace) and the ``D``-fold replicated batch (1.9× one batched backward at D = 8 when
+#: training, 1.5× when evaluating) lost. Evaluation: from D = 16 on the loop wins in every run
+#: (D = 16, 32, 64: 13 / 29 / 59 ms against 17 / 36 / 85); at D ≤ 8 the two are within the
+#: run-to-run noise (D = 2: 2.7 against 3.1 ms in the recorded run, 4.7 against 1.9 in an
+#: earlier one), so the batched pass stays. Training: the batched backward wins at every D
+#: (by 7–23%). No GPU measurement yet: other devices take the batched backward (one launch
+#: instead of D).
+EXACT_TRACE_BY_DIM: dict[tuple[str, str], tuple[tuple[Optional[int], str], ...]] = {
+    ("cpu", "eval"): ((8, "exact"), (None, "exact_loop")),
+    ("cpu", "train"): ((None, "exact"),),
+}
 
 
 class DivergenceDeclarationError(FieldError):
@@ -138,12 +159,15 @@ def bind(field: object, cond: Optional[Tensor] = None) -> FastPaths:
 
 
 def choose_strategy(estimator: str, paths: frozenset[str] = frozenset(), *, differentiate: str = "autograd",
-                    frobenius: bool = False, dim: Optional[int] = None) -> str:
+                    frobenius: bool = False, dim: Optional[int] = None, device: str = "cpu",
+                    create_graph: bool = False) -> str:
     """How to compute the divergence: one of :data:`STRATEGIES`.
 
     * ``finite_difference`` — the field has no usable autograd graph (``differentiate``);
-    * exact trace: ``jacobian`` where declared (one forward pass carries ``J``), else ``exact``
-      (``D`` vector–Jacobian products batched in one backward);
+    * exact trace: ``jacobian`` where declared (one forward pass carries ``J``), else the
+      measured choice of :data:`EXACT_TRACE_BY_DIM` for ``dim``, ``device`` and the use
+      (``create_graph``: training): ``exact`` (``D`` vector–Jacobian products batched in one
+      backward) or ``exact_loop`` (``D`` backward passes); ``exact`` when ``dim`` is not given;
     * Hutchinson: ``bottleneck`` where declared (lower variance, FFJORD appendix E), else
       ``jvp`` where declared (forward mode; training needs a first-order backward only),
       else ``hutchinson`` (one vector–Jacobian product per probe).
@@ -153,10 +177,9 @@ def choose_strategy(estimator: str, paths: frozenset[str] = frozenset(), *, diff
         paths: the fast paths available (:func:`declared_paths`, :attr:`FastPaths.names`).
         differentiate: ``"autograd"`` or ``"finite_difference"``.
         frobenius: ``‖J‖²_F`` is wanted too (RNODE), which the bottleneck cannot give.
-        dim: the event dimension ``D``. Today's rules do not depend on it; a choice among
-            ways of taking the exact trace by their measured cost at ``D`` (``D`` backward
-            passes, forward mode, vmap, a replicated batch) is to be made here, so that
-            training and evaluation keep choosing alike.
+        dim: the event dimension ``D``.
+        device: the device type of the state (``"cpu"``, ``"cuda"``, ...).
+        create_graph: the divergence is differentiated afterwards (training).
 
     Raises:
         ValueError: the Jacobian-norm regulariser with a bottleneck field.
@@ -164,17 +187,30 @@ def choose_strategy(estimator: str, paths: frozenset[str] = frozenset(), *, diff
     Example:
         >>> choose_strategy("exact", frozenset({"jacobian"})), choose_strategy("hutchinson", frozenset({"jvp"}))
         ('jacobian', 'jvp')
+        >>> choose_strategy("exact", dim=2), choose_strategy("exact", dim=32), choose_strategy("exact", dim=32,
+        ...                                                                                   create_graph=True)
+        ('exact', 'exact_loop', 'exact')
     """
     if differentiate == "finite_difference":
         return "finite_difference"
     if estimator == "exact":
-        return "jacobian" if "jacobian" in paths else "exact"
+        if "jacobian" in paths:
+            return "jacobian"
+        return _exact_by_dim(dim, device, create_graph)
     if "bottleneck" in paths:
         if frobenius:
             raise ValueError("the RNODE Jacobian-norm regulariser needs data-space probes; "
                              "use estimator='hutchinson' on a field without a bottleneck")
         return "bottleneck"
     return "jvp" if "jvp" in paths else "hutchinson"
+
+
+def _exact_by_dim(dim: Optional[int], device: str, create_graph: bool) -> str:
+    """The row of :data:`EXACT_TRACE_BY_DIM` for ``dim`` (``exact`` without a measurement)."""
+    rows = EXACT_TRACE_BY_DIM.get((device, "train" if create_graph else "eval"))
+    if dim is None or rows is None:
+        return "exact"
+    return next(way for bound, way in rows if bound is None or dim <= bound)
 
 
 class FieldWrapper(nn.Module):

@@ -126,12 +126,23 @@ class AugmentedDynamics(nn.Module):
         self.paths = bind(velocity, cond)
         #: the message of the first of the latest run of non-finite evaluations (None after a finite one)
         self.failure: Optional[str] = None
+        self._chosen: Optional[tuple[tuple[str, str], str]] = None  # ((differentiate, device), strategy)
 
     @property
     def strategy(self) -> str:
         """How the divergence is computed (:func:`~flowkit.fast_divergence.choose_strategy`)."""
         return choose_strategy(self.estimator, self.paths.names, differentiate=self.differentiate,
-                               frobenius=self.regularise, dim=self.dim)
+                               frobenius=self.regularise, dim=self.dim, create_graph=self.create_graph)
+
+    def _strategy_now(self, x: Tensor) -> str:
+        """:func:`~flowkit.fast_divergence.choose_strategy` for ``x``'s device, made once per setting
+        (``differentiate`` is set after construction by the evaluation's checks)."""
+        key = (self.differentiate, x.device.type)
+        if self._chosen is None or self._chosen[0] != key:
+            self._chosen = (key, choose_strategy(self.estimator, self.paths.names, differentiate=self.differentiate,
+                                                 frobenius=self.regularise, dim=self.dim, device=x.device.type,
+                                                 create_graph=self.create_graph))
+        return self._chosen[1]
 
     def probe_template(self, x: Tensor) -> Tensor:
         """A tensor shaped like one Hutchinson probe: ``x``, or the bottleneck's ``h`` where the
@@ -160,9 +171,8 @@ class AugmentedDynamics(nn.Module):
             t = torch.as_tensor(t).clamp(*self.interval)
         x = state[:, : self.dim].reshape(-1, *self.shape)
         out = divergence(self._field, t, x, estimator=self.estimator, probe=self.probe,
-                         create_graph=self.create_graph, frobenius=self.regularise, split=self.paths.split,
-                         jacobian=self.paths.jacobian, jvp=self.paths.jvp, differentiate=self.differentiate,
-                         fd_step=self.fd_step)
+                         create_graph=self.create_graph, frobenius=self.regularise, paths=self.paths,
+                         strategy=self._strategy_now(x), differentiate=self.differentiate, fd_step=self.fd_step)
         if tuple(out.dx.shape) != tuple(x.shape):
             raise FieldError(f"{self.name} returned shape {tuple(out.dx.shape)} at t={float(t):.6g}, expected "
                              f"{tuple(x.shape)}, the shape of its input x ([batch, *event_shape])")
@@ -457,7 +467,7 @@ def integrate_augmented(
                         counted.nfe += sol.nfe
                     else:
                         sol = odeint(counted, state, list(times), solver, adjoint_params=params)
-                except AssertionError:  # torchdiffeq's "underflow in dt": it cannot get past a non-finite field
+                except AssertionError:  # "underflow in dt" (torchdiffeq's, flowkit.dopri5's): a non-finite field
                     if aug.failure is None:
                         raise
                     raise NonFiniteFieldError(aug.failure) from None

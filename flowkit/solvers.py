@@ -11,7 +11,9 @@ component turns its flat arguments into one spec and passes that down.
 and every list of names (:data:`FIXED_STEP`, :data:`ADAPTIVE`) is derived from it:
 
 * **adaptive** Runge–Kutta pairs from torchdiffeq (``dopri5`` — Dormand & Prince 1980, the
-  RK45 of FFJORD — ``bosh3``, ``adaptive_heun``, ``dopri8``, ``fehlberg2``) with ``rtol`` /
+  RK45 of FFJORD — ``bosh3``, ``adaptive_heun``, ``dopri8``, ``fehlberg2``; a shared-step
+  ``dopri5`` solve without the adjoint runs flowkit's lean :mod:`flowkit.dopri5`, the same
+  step-size control with fewer operations per stage) with ``rtol`` /
   ``atol``, an optional cap ``max_steps`` and an optional **per-sample** error norm: a step is
   accepted when the worst sample's RMS error is within tolerance, instead of the RMS over the
   whole batch, so one outlier cannot hide behind many easy samples;
@@ -134,6 +136,10 @@ StepCount = PositiveInt
 StepControl = Literal["auto", "batch", "per_sample"]
 #: the one method with a per-sample implementation
 PER_SAMPLE_METHOD = "dopri5"
+#: the method whose shared-step solves without the adjoint run flowkit's own lean solver
+#: (:mod:`flowkit.dopri5`: torchdiffeq's step-size control, fewer operations per stage); the
+#: adjoint and the other adaptive methods run through torchdiffeq
+LEAN_METHOD = "dopri5"
 
 #: declared on components with ``method`` and ``steps`` arguments (and run by :class:`SolverSpec`)
 fixed_step_needs_steps = Rule(
@@ -408,6 +414,11 @@ def odeint(
     start = counted.nfe
     if solver.fixed_step and not solver.adjoint:
         ys = _fixed(counted, x, times, solver.method, int(solver.steps))
+    elif solver.method == LEAN_METHOD and not solver.adjoint:
+        from .dopri5 import dopri5  # imports nothing of this module's
+
+        ys = dopri5(counted, x, times, rtol=solver.rtol, atol=solver.atol,
+                    norm=per_sample_rms_norm() if solver.per_sample_norm else None, max_steps=solver.max_steps).ys
     else:
         ys = _torchdiffeq(counted, x, times, solver, adjoint_params)
     nfe = counted.nfe - start

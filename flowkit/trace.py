@@ -5,7 +5,9 @@ Three estimators of the trace of the Jacobian ``J = ∂f/∂x``:
 * ``exact`` — every diagonal entry. A field that can carry its Jacobian forward
   (the ``jacobian`` path) supplies it directly; otherwise one forward pass and ``D``
   vector–Jacobian products with the one-hot basis, batched by ``is_grads_batched`` (no
-  Python loop over dimensions). Cost grows with ``D``.
+  Python loop over dimensions) or, where measured faster (large ``D`` on a CPU,
+  :data:`flowkit.fast_divergence.EXACT_TRACE_BY_DIM`), as ``D`` backward passes. Cost grows
+  with ``D``.
 * ``hutchinson`` — ``tr J = E[εᵀ J ε]`` with ``E[εεᵀ] = I`` (Hutchinson 1989; FFJORD
   eq. 4), ε Gaussian or Rademacher and held fixed over one ODE solve. Several probes
   are averaged in one batched backward (``is_grads_batched``).
@@ -103,6 +105,8 @@ def divergence(
     jvp: Optional[Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = None,
     differentiate: Literal["autograd", "finite_difference"] = "autograd",
     fd_step: Optional[float] = None,
+    paths: Optional[FastPaths] = None,
+    strategy: Optional[str] = None,
 ) -> Divergence:
     """Evaluate ``f(t, x)`` and the divergence ``tr ∂f/∂x`` per sample.
 
@@ -131,6 +135,10 @@ def divergence(
             :func:`~flowkit.fast_divergence.choose_strategy`'s answer.
         fd_step: relative step ``r`` of the central differences (see
             :func:`finite_difference_step`; default ``ε_mach^{1/3}``).
+        paths, strategy: instead of ``split``/``jacobian``/``jvp``, the field's bound
+            :class:`~flowkit.fast_divergence.FastPaths`, and the strategy
+            :func:`~flowkit.fast_divergence.choose_strategy` gave for these arguments — for a
+            caller that evaluates the same field many times (the augmented ODE, once per solve).
 
     Returns:
         :class:`Divergence`.
@@ -151,9 +159,12 @@ def divergence(
         raise ValueError(f"unknown differentiate={differentiate!r}; choose one of: {', '.join(DIFFERENTIATIONS)}")
     if estimator == "hutchinson" and probe is None:
         raise ValueError("the Hutchinson estimator needs a probe (see sample_probe)")
-    paths = FastPaths(jacobian=jacobian, jvp=jvp, split=split)
-    strategy = choose_strategy(estimator, paths.names, differentiate=differentiate, frobenius=frobenius,
-                               dim=math.prod(x.shape[1:]))
+    if paths is None:
+        paths = FastPaths(jacobian=jacobian, jvp=jvp, split=split)
+    jacobian, jvp, split = paths.jacobian, paths.jvp, paths.split
+    if strategy is None:
+        strategy = choose_strategy(estimator, paths.names, differentiate=differentiate, frobenius=frobenius,
+                                   dim=math.prod(x.shape[1:]), device=x.device.type, create_graph=create_graph)
     if strategy == "finite_difference":
         return _finite_difference(fn, t, x, probe if estimator == "hutchinson" else None, create_graph, frobenius,
                                   fd_step)
@@ -164,6 +175,8 @@ def divergence(
             return Divergence(dx, div, jac.pow(2).sum((-2, -1)) if frobenius else None)
         if strategy == "exact":
             return _exact(fn, t, x, create_graph, frobenius)
+        if strategy == "exact_loop":
+            return _exact_loop(fn, t, x, create_graph, frobenius)
         if strategy == "bottleneck":
             return _bottleneck(split, t, x, probe, create_graph)
         if strategy == "jvp":
@@ -197,6 +210,26 @@ def _exact(fn, t, x, create_graph, frobenius) -> Divergence:
     rows = rows.reshape(dim, batch, dim)  # rows[i, b] = e_iᵀ J_b
     div = torch.diagonal(rows, dim1=0, dim2=2).sum(-1)  # [B]
     frob = rows.pow(2).sum((0, 2)) if frobenius else None
+    return Divergence(out, div, frob)
+
+
+def _exact_loop(fn, t, x, create_graph, frobenius) -> Divergence:
+    """The diagonal of J by ``D`` separate vector–Jacobian products (one backward pass per
+    basis vector, the graph kept between them): at large ``D`` on a CPU cheaper than one batched
+    backward (:data:`~flowkit.fast_divergence.EXACT_TRACE_BY_DIM`)."""
+    batch, dim = x.shape[0], x[0].numel()
+    if not x.requires_grad:
+        x = x.requires_grad_(True)
+    out = fn(t, x)
+    _require_graph(out)
+    flat = out.reshape(batch, dim)
+    div = x.new_zeros(batch)
+    frob = x.new_zeros(batch) if frobenius else None
+    for i in range(dim):
+        row = _grad(flat[:, i].sum(), x, None, create_graph=create_graph, retain_graph=True).reshape(batch, dim)
+        div = div + row[:, i]
+        if frobenius:
+            frob = frob + row.pow(2).sum(1)
     return Divergence(out, div, frob)
 
 

@@ -92,7 +92,7 @@ def test_one_function_chooses_every_strategy():
     assert choose_strategy("exact", frozenset({"jacobian"}), differentiate="finite_difference") == "finite_difference"
     with pytest.raises(ValueError, match="Jacobian-norm regulariser"):
         choose_strategy("hutchinson", frozenset({"bottleneck"}), frobenius=True)
-    assert {"finite_difference", "jacobian", "exact", "bottleneck", "jvp", "hutchinson"} == set(STRATEGIES)
+    assert {"finite_difference", "jacobian", "exact", "exact_loop", "bottleneck", "jvp", "hutchinson"} == set(STRATEGIES)
 
 
 # ----------------------------------------------------------------------------- a new network's declaration

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -130,6 +130,8 @@ class FFJORD(Objective):
 
     # a CNF defines only its ODE: no score, no SDE, no denoiser (ODE samplers only)
     provides: ClassVar[frozenset[str]] = frozenset({"velocity"})
+    #: Grathwohl et al. 2019, the FFJORD code's train_toy.py defaults: Adam 1e-3, batch 100, weight decay 1e-5
+    training_defaults: ClassVar[Mapping[str, Any]] = {"lr": 1e-3, "batch_size": 100, "weight_decay": 1e-5}
     argument_rules: ClassVar[tuple[Rule, ...]] = (fixed_step_needs_steps,)
 
     def __init__(self, dynamics: DynamicsFactory, shape: tuple[int, ...], blocks: PositiveInt = 1,
