@@ -70,6 +70,8 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .solution import PerSampleTimeField, Solution, SolverError
+from .solvers_per_sample import odeint_per_sample
 from .constraints import PositiveFloat, PositiveInt, Rule, check_value
 from .registry import did_you_mean
 
@@ -158,14 +160,6 @@ per_sample_step_rules = (
          "'per_sample' is for evaluation and does not differentiate: it excludes adjoint: true (use "
          "step_control: batch or auto)"),
 )
-
-
-class SolverError(ValueError):
-    """Invalid solver settings; ``errors`` holds one ``key: problem`` line each."""
-
-    def __init__(self, errors: Sequence[str]) -> None:
-        self.errors = list(errors)
-        super().__init__("invalid ODE solver settings: " + "; ".join(self.errors))
 
 
 @dataclass(frozen=True)
@@ -281,29 +275,6 @@ def as_solver(solver: Optional[SolverSpec] = None, default: Optional[SolverSpec]
     return dataclasses.replace(base, **settings) if settings else base
 
 
-@dataclass
-class Solution:
-    """``ys[i]`` is the state at ``times[i]``; ``nfe`` counts (batched) field evaluations.
-
-    ``sample_evals`` counts evaluations of single samples (the rows of every call, summed:
-    ``nfe × batch`` with shared steps); a per-sample solve also reports each sample's
-    ``accepted`` and ``rejected`` steps (``[B]``) and ``step_control`` says which control ran.
-    """
-
-    ys: Tensor
-    nfe: int
-    sample_evals: Optional[int] = None
-    accepted: Optional[Tensor] = None
-    rejected: Optional[Tensor] = None
-    step_control: str = "batch"
-
-    def mean_steps(self) -> Optional[float]:
-        """Mean accepted + rejected steps per sample (per-sample solves; ``None`` otherwise)."""
-        if self.accepted is None or self.rejected is None:
-            return None
-        return float((self.accepted + self.rejected).double().mean())
-
-
 class CountingField(nn.Module):
     """Wraps ``field(t, x)`` and counts its calls (NFE)."""
 
@@ -315,41 +286,6 @@ class CountingField(nn.Module):
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         self.nfe += 1
         return self.field(t, x)
-
-
-class PerSampleTimeField(nn.Module):
-    """Declares that ``fn`` takes one time per sample: ``fn(t, x, rows)``.
-
-    ``t`` is a ``[B']`` tensor of per-sample times, ``x`` the ``[B', ...]`` states and ``rows``
-    the ``[B']`` indices (``LongTensor``) of these samples in the batch the solve started with,
-    so ``fn`` can slice per-sample constants (Hutchinson probes, a condition). Per-sample step
-    control (:mod:`flowkit.solvers_per_sample`) calls it on the unfinished samples only; a solve
-    with shared steps calls it with ``t`` expanded to the batch and ``rows = arange(B)``.
-    """
-
-    def __init__(self, fn: Callable[[Tensor, Tensor, Tensor], Tensor], name: str = "field") -> None:
-        super().__init__()
-        self.fn = fn
-        #: how errors of a solve refer to the field
-        self.name = name
-
-    def forward(self, t: Tensor, x: Tensor, rows: Tensor) -> Tensor:
-        return self.fn(t, x, rows)
-
-    def shared_time(self) -> nn.Module:
-        """This field as ``field(t, x)`` with one time for the batch (for shared-step solvers)."""
-        return _SharedTime(self)
-
-
-class _SharedTime(nn.Module):
-    def __init__(self, field: PerSampleTimeField) -> None:
-        super().__init__()
-        self.field = field
-
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        rows = torch.arange(x.shape[0], device=x.device)
-        return self.field(t.expand(x.shape[0]) if t.dim() == 0 else t, x, rows)
 
 
 def per_sample_rms_norm(batch_dims: int = 1) -> Callable[[Tensor], Tensor]:
@@ -397,8 +333,6 @@ def odeint(
     """
     solver = as_solver(solver, **settings)
     if isinstance(field, PerSampleTimeField) and not solver.per_sample_problems():
-        from .solvers_per_sample import odeint_per_sample  # imports this module: imported when used
-
         return odeint_per_sample(field, x, times, solver)
     if solver.step_control == "per_sample":
         raise SolverError([f"step_control: 'per_sample' needs a field that takes per-sample times, declared by "

@@ -67,13 +67,23 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from .flow import NonFiniteFieldError
-from .solvers import PerSampleTimeField, Solution, SolverError, SolverSpec
+from .solution import PerSampleTimeField, Solution, SolverError
+
+
+class ToleranceSpec(Protocol):
+    """What this module reads of a :class:`flowkit.solvers.SolverSpec` (which imports this module)."""
+
+    rtol: float
+    atol: float
+    max_steps: Optional[int]
+
+    def per_sample_problems(self) -> list[str]: ...
 
 __all__ = ["odeint_per_sample", "StepLimitError", "DOPRI5", "SAFETY", "MIN_FACTOR", "MAX_FACTOR", "PI_BETA"]
 
@@ -101,7 +111,7 @@ class StepLimitError(RuntimeError):
 
 
 def odeint_per_sample(field: PerSampleTimeField, x: Tensor, times: Tensor | Sequence[float],
-                      solver: SolverSpec) -> Solution:
+                      solver: ToleranceSpec) -> Solution:
     """Solve ``dx_b/dt = field(t_b, x_b)`` for every sample ``b`` alone (module docstring).
 
     Args:
@@ -152,7 +162,7 @@ def odeint_per_sample(field: PerSampleTimeField, x: Tensor, times: Tensor | Sequ
 class _Solve:
     """The state of one solve; the active samples are kept compact and shrink as they finish."""
 
-    def __init__(self, field: PerSampleTimeField, x: Tensor, grid: Tensor, direction: float, solver: SolverSpec,
+    def __init__(self, field: PerSampleTimeField, x: Tensor, grid: Tensor, direction: float, solver: ToleranceSpec,
                  name: str) -> None:
         self.field, self.grid, self.direction, self.name = field, grid, direction, name
         self.rtol, self.atol = solver.rtol, solver.atol
