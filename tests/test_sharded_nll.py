@@ -1,7 +1,7 @@
 """Sharded likelihood evaluation: the test batches dealt to several processes give the numbers of one.
 
 The fast tests check the dealing and the merge in one process (every batch solved once, probes
-seeded by the batch, not by the process); the slow one launches two real processes with
+seeded by the batch, not by the process); one launches two real processes with
 ``accelerate launch --multi_gpu --num_processes 2 -m flowkit.cli nll`` and compares every
 point with the one-process evaluation.
 """
@@ -86,7 +86,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_two_processes_give_the_one_process_points(tmp_path):
     run = tmp_path / "run"
