@@ -62,11 +62,7 @@ def plot_samples(samples: Tensor, path: str | Path, *, data: Optional[Tensor] = 
             ax.plot(tr[:, b, 0], tr[:, b, 1], color="cyan", lw=0.5, alpha=0.6)
     ax.set_title(title or "samples")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_density(log_density: Tensor, extent: tuple[float, float], path: str | Path, title: str = "") -> Path:
@@ -120,11 +116,7 @@ def plot_image_grid(x: Tensor, path: str | Path, *, dataset=None, columns: int =
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
                       vmin=0, vmax=1)
     fig.tight_layout(pad=0.1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=80)
 
 
 def _band(curves: Sequence[Sequence[dict]], x_key: str, y_key: str):
@@ -189,8 +181,13 @@ def plot_curves(curves: dict[str, Sequence[Sequence[dict]]], x_key: str, path: s
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("mean ± standard error over seeds", fontsize=9)
     fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` to ``path`` (its directory made if missing) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

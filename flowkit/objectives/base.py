@@ -12,7 +12,7 @@ from ..constraints import Rule
 from ..flow import Flow
 from ..registry import Registry
 
-__all__ = ["Objective", "LossOutput", "DynamicsFactory", "drop_condition"]
+__all__ = ["Objective", "LossOutput", "DynamicsFactory", "drop_condition", "per_sample_times", "as_column"]
 
 DynamicsFactory = Callable[..., nn.Module]
 
@@ -108,3 +108,14 @@ def drop_condition(cond: Optional[Tensor], p: float) -> Optional[Tensor]:
     drop = torch.rand(cond.shape[0], device=cond.device) < p
     drop = drop.reshape(-1, *([1] * (cond.dim() - 1)))
     return torch.where(drop, null_cond_like(cond), cond)
+
+
+def per_sample_times(t: Tensor | float, x: Tensor) -> Tensor:
+    """``t`` as one time per sample of ``x`` (``[B]``, in ``x``'s dtype and device); a scalar is expanded."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.expand(x.shape[0]) if t.dim() == 0 else t
+
+
+def as_column(c: Tensor, x: Tensor) -> Tensor:
+    """A per-sample coefficient ``[B]`` shaped ``[B, 1, ..., 1]`` to scale ``x``; other shapes pass through."""
+    return c.reshape(-1, *([1] * (x.dim() - 1))) if c.dim() == 1 else c

@@ -107,7 +107,7 @@ from ..flow import Flow, guided
 from ..paths import VE, GaussianPath
 from ..registry import Registry
 from ..solvers import FIXED_STEP, SolverSpec, odeint
-from .base import DynamicsFactory, LossOutput, Objective
+from .base import DynamicsFactory, LossOutput, Objective, as_column, per_sample_times
 from .flow_matching import TeacherSpec
 
 __all__ = ["ConsistencyTraining", "ConsistencyDistillation", "TeacherFlow", "karras_levels", "scales_at",
@@ -162,15 +162,6 @@ class TeacherFlow(Protocol):
     teacher's flow on a device and whether it takes the batch's condition."""
 
     def teacher_flow(self, device: torch.device) -> tuple[Flow, bool]: ...
-
-
-def _col(c: Tensor, x: Tensor) -> Tensor:
-    return c.reshape(-1, *([1] * (x.dim() - 1))) if c.dim() == 1 else c
-
-
-def _times_like(t: Tensor | float, x: Tensor) -> Tensor:
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    return t.expand(x.shape[0]) if t.dim() == 0 else t
 
 
 @OBJECTIVES.register("consistency")
@@ -242,11 +233,11 @@ class ConsistencyTraining(Objective):
     def consistency(self, x: Tensor, t: Tensor | float, cond: Optional[Tensor] = None,
                     net: Optional[nn.Module] = None) -> Tensor:
         """``f_θ(x, t)`` (module docstring); ``t`` scalar or one per sample; ``f(x, t0) = x``."""
-        t = _times_like(t, x)
+        t = per_sample_times(t, x)
         net = self.net if net is None else net
         t0 = torch.as_tensor(self.path.t0, dtype=x.dtype, device=x.device)
         a0, s0 = self.path.alpha(t0), self.path.sigma(t0)
-        a, s = _col(self.path.alpha(t), x), _col(self.path.sigma(t), x)
+        a, s = as_column(self.path.alpha(t), x), as_column(self.path.sigma(t), x)
         sd2 = self.sigma_data**2
         gap = s - (s0 / a0) * a  # α (ς − ς_0)
         skip = sd2 * a / (gap * gap + sd2 * a * a)  # c_skip / α
@@ -258,7 +249,7 @@ class ConsistencyTraining(Objective):
         """``(x̂₀, ε̂)`` with ``x = α_t x̂₀ + σ_t ε̂`` and ``f = α_{t0} x̂₀ + σ_{t0} ε̂``."""
         t0 = torch.as_tensor(self.path.t0, dtype=x.dtype, device=x.device)
         a0, s0 = self.path.alpha(t0), self.path.sigma(t0)
-        a, s = _col(self.path.alpha(t), x), _col(self.path.sigma(t), x)
+        a, s = as_column(self.path.alpha(t), x), as_column(self.path.sigma(t), x)
         det = a0 * s - s0 * a
         safe = torch.where(det > 0, det, torch.ones_like(det))
         x0 = torch.where(det > 0, (s * f - s0 * x) / safe, f / a0)
@@ -267,15 +258,15 @@ class ConsistencyTraining(Objective):
 
     def flow_map(self, x: Tensor, t: Tensor | float, s: Tensor | float, cond: Optional[Tensor] = None) -> Tensor:
         """``x_s`` from ``x_t``: ``f(x, t)`` at ``s = t0``, else ``α_s x̂₀ + σ_s ε̂`` (module docstring)."""
-        t, s = _times_like(t, x), _times_like(s, x)
+        t, s = per_sample_times(t, x), per_sample_times(s, x)
         f = self.consistency(x, t, cond)
         x0, eps = self._endpoints(f, x, t)
-        moved = _col(self.path.alpha(s), x) * x0 + _col(self.path.sigma(s), x) * eps
-        return torch.where(_col(s <= self.path.t0, x), f, moved)
+        moved = as_column(self.path.alpha(s), x) * x0 + as_column(self.path.sigma(s), x) * eps
+        return torch.where(as_column(s <= self.path.t0, x), f, moved)
 
     def denoise(self, t: Tensor | float, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         """``x̂₀``: the data the consistency estimate ``f(x, t)`` implies (not Tweedie's mean)."""
-        t = _times_like(t, x)
+        t = per_sample_times(t, x)
         return self._endpoints(self.consistency(x, t, cond), x, t)[0]
 
     def flow(self) -> Flow:
@@ -397,7 +388,7 @@ class ConsistencyDistillation(ConsistencyTraining):
                              "set objective.path to the teacher's path")
         field = guided(flow.velocity, self.teacher_spec.guidance) if self.teacher_spec.guidance else flow.velocity
         c = cond if conditional else None
-        h = _col(t_lo - t_hi, x_hi)
+        h = as_column(t_lo - t_hi, x_hi)
 
         def rescaled(u: Tensor, y: Tensor) -> Tensor:  # u ∈ [0, 1] ↦ t_hi + u (t_lo − t_hi)
             return h * field(t_hi + u * (t_lo - t_hi), y, c)

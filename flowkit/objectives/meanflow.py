@@ -71,19 +71,10 @@ from ..diffusion import flow_from_velocity
 from ..flow import Flow
 from ..paths import CondOT, GaussianPath
 from ..registry import Registry
-from .base import DynamicsFactory, LossOutput, Objective
+from .base import DynamicsFactory, LossOutput, Objective, as_column, per_sample_times
 from .flow_matching import sample_times
 
 __all__ = ["MeanFlow"]
-
-
-def _col(c: Tensor, x: Tensor) -> Tensor:
-    return c.reshape(-1, *([1] * (x.dim() - 1)))
-
-
-def _times_like(t: Tensor | float, x: Tensor) -> Tensor:
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    return t.expand(x.shape[0]) if t.dim() == 0 else t
 
 
 @OBJECTIVES.register("meanflow")
@@ -143,7 +134,7 @@ class MeanFlow(Objective):
 
     def average_velocity(self, x: Tensor, r: Tensor | float, t: Tensor | float) -> Tensor:
         """``u_θ(x, r, t)``; ``r``, ``t`` scalar or one per sample, ``r ≤ t``."""
-        t, r = _times_like(t, x), _times_like(r, x)
+        t, r = per_sample_times(t, x), per_sample_times(r, x)
         return self.net(t, x, self._interval(t, r))
 
     def velocity(self, t: Tensor | float, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
@@ -154,8 +145,8 @@ class MeanFlow(Objective):
     def flow_map(self, x: Tensor, t: Tensor | float, s: Tensor | float, cond: Optional[Tensor] = None) -> Tensor:
         """``x_s = x_t − (t − s) u_θ(x_t, s, t)`` for ``s ≤ t``."""
         _refuse_condition(cond)
-        t, s = _times_like(t, x), _times_like(s, x)
-        return x - _col(t - s, x) * self.average_velocity(x, s, t)
+        t, s = per_sample_times(t, x), per_sample_times(s, x)
+        return x - as_column(t - s, x) * self.average_velocity(x, s, t)
 
     def flow(self) -> Flow:
         """Velocity ``u(z, t, t)``, flow map, and the path's score, denoiser and forward SDE
@@ -181,7 +172,7 @@ class MeanFlow(Objective):
             return self.net(t_, z_, h)
 
         u, dudt = jvp(u_of, (z, t), (v, torch.ones_like(t)))
-        return u, (v - _col(t - r, z) * dudt).detach()
+        return u, (v - as_column(t - r, z) * dudt).detach()
 
     def loss(self, x: Tensor, cond: Optional[Tensor] = None) -> LossOutput:
         """``mean sg(w) ‖u_θ − sg(u_tgt)‖²``; metrics ``loss`` and ``mse`` (the unweighted ``‖Δ‖²``)."""
@@ -189,8 +180,8 @@ class MeanFlow(Objective):
         noise = torch.randn_like(x)
         r, t = self.sample_interval(x.shape[0], x)
         c = self.path.schedule(t)
-        z = _col(c.alpha, x) * x + _col(c.sigma, x) * noise
-        v = _col(c.d_alpha, x) * x + _col(c.d_sigma, x) * noise
+        z = as_column(c.alpha, x) * x + as_column(c.sigma, x) * noise
+        v = as_column(c.d_alpha, x) * x + as_column(c.d_sigma, x) * noise
         u, target = self.target(z, v, r, t)
         sq = (u - target).flatten(1).pow(2).sum(1)
         weight = 1.0 / (sq.detach() + self.weight_eps) ** self.weight_power if self.weight_power else 1.0
