@@ -45,21 +45,25 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["dopri5", "LeanSolution", "StepSizeUnderflow", "rms_norm"]
+__all__ = ["dopri5", "DOPRI5", "LeanSolution", "StepSizeUnderflow", "rms_norm"]
 
-# Dormand & Prince (1980): nodes c, coupling a (row i: stage i + 1), solution weights b
-# (= the last row of a: first same as last) and b − b̂ (the error weights, seven stages)
-_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_A = (
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-_E = (35 / 384 - 1951 / 21600, 0.0, 500 / 1113 - 22642 / 50085, 125 / 192 - 451 / 720,
-      -2187 / 6784 + 12231 / 42400, 11 / 84 - 649 / 6300, -1 / 60)
+#: the Dormand–Prince 5(4) tableau (Dormand & Prince 1980, Table 2): nodes ``c``, the rows of
+#: ``a`` (row i: stage i + 1; the last row is the fifth-order weights ``b``: first same as last)
+#: and ``e = b − b̂``, the error weights of the seven stages. The one copy in flowkit: the
+#: per-sample solver (:mod:`flowkit.solvers_per_sample`) steps with it too.
+DOPRI5 = {
+    "c": (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+    "a": ((),
+          (1 / 5,),
+          (3 / 40, 9 / 40),
+          (44 / 45, -56 / 15, 32 / 9),
+          (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+          (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+          (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
+    "e": (35 / 384 - 1951 / 21600, 0.0, 500 / 1113 - 22642 / 50085, 125 / 192 - 451 / 720,
+          -2187 / 6784 + 12231 / 42400, 11 / 84 - 649 / 6300, -1 / 60),
+}
+_C, _A, _E = DOPRI5["c"][1:], DOPRI5["a"][1:], DOPRI5["e"]
 _ORDER = 5
 _SAFETY, _IFACTOR, _DFACTOR = 0.9, 10.0, 0.2
 

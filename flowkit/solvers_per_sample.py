@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 
 from .flow import NonFiniteFieldError
+from .dopri5 import DOPRI5  # the one Dormand–Prince tableau
 from .solution import PerSampleTimeField, Solution, SolverError
 
 
@@ -87,19 +88,6 @@ class ToleranceSpec(Protocol):
 
 __all__ = ["odeint_per_sample", "StepLimitError", "DOPRI5", "SAFETY", "MIN_FACTOR", "MAX_FACTOR", "PI_BETA"]
 
-#: the Dormand–Prince 5(4) tableau: nodes ``c``, rows of ``a``, fifth-order weights ``b`` and
-#: ``b − b̂`` (the error weights), Dormand & Prince (1980), Table 2
-DOPRI5 = {
-    "c": (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
-    "a": ((),
-          (1 / 5,),
-          (3 / 40, 9 / 40),
-          (44 / 45, -56 / 15, 32 / 9),
-          (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-          (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-          (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
-    "e": (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40),
-}
 #: step-size controller: safety factor, bounds of ``h_new / h``, PI weight ``β`` (0: I controller)
 SAFETY, MIN_FACTOR, MAX_FACTOR, PI_BETA = 0.9, 0.2, 10.0, 0.04
 _ORDER = 5  # the error estimate is O(h^5): exponent α = 1/5 − 0.75 β
