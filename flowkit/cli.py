@@ -133,27 +133,49 @@ def _check_count(name: str, value: Optional[int]) -> None:
         raise ArgumentError(f"{name} must be a positive integer, got {value}")
 
 
-def _check_out(out: Path) -> None:
-    """``--out`` of ``sample``: a .png or .npy file whose directory can be written."""
-    if out.suffix not in (".png", ".npy"):
-        raise ArgumentError(f"--out {out}: must end in .png (also writes .npy) or .npy, got "
-                            f"{out.suffix or 'no suffix'}")
+#: output files checked by :func:`_check_output_file`: suffix -> what it holds ("" for nothing to add)
+SAMPLE_SUFFIXES = {".png": "also writes .npy", ".npy": ""}
+POINTS_SUFFIXES = {".npz": "numpy", ".pt": "torch"}
+
+
+def _check_output_file(flag: str, path: str | Path, suffixes: dict[str, str]) -> Path:
+    """An output file argument (``sample --out``, ``nll --save-points``), checked before any work.
+
+    Its suffix is one of ``suffixes``; it is not an existing directory or other non-file; its
+    directory exists (or is created here) and takes a new file. Each failure is an
+    :class:`ArgumentError` naming ``flag``.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path` (messages name it as given).
+    """
+    out = Path(path)
+    endings = " or ".join(f"{s} ({what})" if what else s for s, what in suffixes.items())
+    if out.suffix not in suffixes:
+        raise ArgumentError(f"{flag} {path}: must end in {endings}, got {out.suffix or 'no suffix'}")
+    plain = " or ".join(suffixes)
     if out.is_dir():
-        raise ArgumentError(f"--out {out} is a directory; give a file name ending in .png or .npy")
+        raise ArgumentError(f"{flag} {path} is a directory; give a file name ending in {plain}")
+    if out.exists() and not out.is_file():
+        raise ArgumentError(f"{flag} {path} exists and is not a regular file; give a file name ending in {plain}")
+    existing = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ArgumentError(f"{flag} {path}: {existing} is a file, not a directory; give a path in a directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ArgumentError(f"--out {out}: cannot create directory {out.parent} ({exc.strerror or exc})") from None
+        raise ArgumentError(f"{flag} {path}: cannot create directory {out.parent} ({exc.strerror or exc})") from None
     try:  # write access as the file system sees it (os.access says yes to root on /proc)
         fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ArgumentError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from None
+        raise ArgumentError(f"{flag} {path}: cannot write in {out.parent} ({exc.strerror or exc})") from None
+    return out
 
 
-def _write_output(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` then rename onto ``path``: a full disk leaves no truncated output."""
+def _write_output(path: Path, write: Callable[[Path], Any], flag: str = "--out") -> None:
+    """``write(tmp)`` then rename onto ``path``: a full disk leaves no truncated output; an error
+    names ``flag``, the argument that chose ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
@@ -161,7 +183,7 @@ def _write_output(path: Path, write: Callable[[Path], Any]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         detail = exc.strerror or str(exc)
-        raise ArgumentError(f"--out {path}: could not write it ({detail}); nothing was left there") from None
+        raise ArgumentError(f"{flag} {path}: could not write it ({detail}); nothing was left there") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -196,7 +218,7 @@ def _sample_nfe(args, out: Path) -> int:
         raise ArgumentError(f"--out {out}: with --nfe give the plot's file name, ending in .png "
                             "(the table goes next to it as .md, .csv and .json)")
     _check_device(args.device)
-    _check_out(out)
+    _check_output_file("--out", out, {".png": "the plot"})
     prefix = out.with_suffix("")
     _, paths = sweep_runs({Path(args.run).name: args.run}, samplers, nfes, prefix, n=args.n,
                           seeds=tuple(range(args.seed, args.seed + args.seeds)), device=args.device,
@@ -218,7 +240,7 @@ def _cmd_sample(args) -> int:
         raise ArgumentError(f"--guidance must be a finite number, got {args.guidance}")
     cond = _parse_cond(args.cond)
     _check_device(args.device)
-    _check_out(out)  # last: it creates the output's directory
+    _check_output_file("--out", out, SAMPLE_SUFFIXES)  # last: it creates the output's directory
     import numpy as np
     import flowkit
     from flowkit.plotting import plot_samples
@@ -286,24 +308,6 @@ def _sample_variational(args, built, step: int, out: Path) -> int:
     return 0
 
 
-def _check_points_path(path: Optional[str]) -> Optional[Path]:
-    """``--save-points``: a .npz or .pt file whose directory can be made."""
-    if path is None:
-        return None
-    out = Path(path)
-    if out.suffix not in (".npz", ".pt"):
-        raise ArgumentError(f"--save-points {path}: must end in .npz (numpy) or .pt (torch), got "
-                            f"{out.suffix or 'no suffix'}")
-    if out.is_dir():
-        raise ArgumentError(f"--save-points {path} is a directory; give a file name ending in .npz or .pt")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArgumentError(f"--save-points {path}: cannot create directory {out.parent} "
-                            f"({exc.strerror or exc})") from None
-    return out
-
-
 def _save_records(path: Path, records: dict[str, Any]) -> None:
     """Per-point arrays to ``.npz`` or ``.pt`` (atomically, like every output)."""
     import numpy as np
@@ -317,7 +321,7 @@ def _save_records(path: Path, records: dict[str, Any]) -> None:
             torch.save({k: torch.as_tensor(np.asarray(v)) if not isinstance(v, str) else v
                         for k, v in records.items()}, tmp)
 
-    _write_output(path, write)
+    _write_output(path, write, "--save-points")
 
 
 def _processes(device: str):
@@ -359,7 +363,8 @@ def _cmd_nll(args) -> int:
                             "takes its data and evaluation settings from its recipe (override them as eval.KEY=VALUE)")
     _check_run(args.run)
     _check_device(args.device)
-    points_path = _check_points_path(args.save_points)
+    points_path = None if args.save_points is None else _check_output_file("--save-points", args.save_points,
+                                                                          POINTS_SUFFIXES)
     import flowkit
     from dataclasses import replace
 
@@ -453,7 +458,8 @@ def _nll_adapter(args) -> int:
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ArgumentError(f"{flag} must be a finite number > 0, got {value}")
     _check_device(args.device)
-    points_path = _check_points_path(args.save_points)
+    points_path = None if args.save_points is None else _check_output_file("--save-points", args.save_points,
+                                                                          POINTS_SUFFIXES)
     import torch
     import flowkit
     from flowkit.adapters import load_model

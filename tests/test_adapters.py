@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import exact_mixture
 
 from flowkit.adapters import (AdapterError, DDPMPath, ddpm_betas, from_diffusers, from_edm, from_score_sde,
                               load_diffusers, to_score)
@@ -36,11 +37,7 @@ def single_thread():
 
 def make_mixture(dim: int, seed: int = 0) -> GaussianMixture:
     """Three separated components with full covariances (as tests/test_diffusion_likelihood.py)."""
-    g = torch.Generator().manual_seed(seed)
-    means = 2.5 * torch.randn(3, dim, generator=g, dtype=F64)
-    a = torch.randn(3, dim, dim, generator=g, dtype=F64) / dim**0.5
-    covs = 0.6 * a @ a.mT + 0.15 * torch.eye(dim, dtype=F64)
-    return GaussianMixture(means, covs, torch.tensor([0.25, 0.45, 0.3], dtype=F64))
+    return exact_mixture(dim, (0.25, 0.45, 0.3), seed=seed, spread=2.5, cov_scale=0.6, cov_floor=0.15)
 
 
 def blurred(gmm: GaussianMixture, sigma: float) -> GaussianMixture:

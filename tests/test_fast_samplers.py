@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from conftest import exact_mixture
 from torch import Tensor
 
 import flowkit
@@ -31,11 +32,7 @@ PATHS = {"vp": (VP, "logsnr"), "ve": (VE, "logsnr"), "cond_ot": (CondOT, "unifor
 
 
 def mixture() -> GaussianMixture:
-    g = torch.Generator().manual_seed(0)
-    means = 0.8 * torch.randn(3, 2, generator=g, dtype=F64)
-    a = torch.randn(3, 2, 2, generator=g, dtype=F64) / 2**0.5
-    covs = 0.3 * a @ a.mT + 0.4 * torch.eye(2, dtype=F64)
-    return GaussianMixture(means, covs, torch.tensor([0.25, 0.45, 0.3], dtype=F64))
+    return exact_mixture(2, (0.25, 0.45, 0.3), spread=0.8, cov_scale=0.3, cov_floor=0.4)
 
 
 def exact_flow(path: GaussianPath, gmm: GaussianMixture) -> Flow:

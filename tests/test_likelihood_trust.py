@@ -25,6 +25,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import exact_mixture
 
 from flowkit.components import PATHS
 from flowkit.config import EvalConfig
@@ -70,11 +71,7 @@ def wrap_field(field, how: str):
 
 
 def mixture(dim: int, seed: int = 0) -> GaussianMixture:
-    g = torch.Generator().manual_seed(seed)
-    means = 2.0 * torch.randn(2, dim, generator=g, dtype=F64)
-    a = torch.randn(2, dim, dim, generator=g, dtype=F64) / dim**0.5
-    covs = 0.5 * a @ a.mT + 0.2 * torch.eye(dim, dtype=F64)
-    return GaussianMixture(means, covs, torch.tensor([0.4, 0.6], dtype=F64))
+    return exact_mixture(dim, (0.4, 0.6), seed=seed, spread=2.0, cov_scale=0.5, cov_floor=0.2)
 
 
 def gaussian_nll(x: torch.Tensor) -> float:
