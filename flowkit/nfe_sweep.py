@@ -15,18 +15,12 @@ it; a flow-matching model has no flow map).
 NFE budgets. A budget ``B`` becomes the largest ``steps`` whose exact NFE is at most ``B``
 (:func:`steps_for_nfe`); where the sampler cannot spend ``B`` exactly the budget is rounded
 down, and the table reports the NFE actually spent (checked against the sampler's own count).
-The cost of ``steps`` steps (:func:`nfe_of_steps`):
-
-* one evaluation a step: ``euler``, ``ddim``, ``dpmpp_2m``, ``dpmpp_3m``, ``unipc``,
-  ``sde_dpmpp_2m``, ``flow_map``;
-* ``stages`` a step for the fixed-step ODE samplers (:data:`flowkit.solvers.FIXED_STEP`:
-  ``midpoint`` and ``heun`` 2, ``rk4`` 4; ``probability_flow`` by its ``method``);
-* ``edm_heun``: 2 a step, except a step out of ``α = 0`` or into ``σ = 0`` (1: the Euler step);
-* ``euler_maruyama``: one a step, plus one for the final denoising (Tweedie) when the flow has
-  a denoiser; ``predictor_corrector``: ``1 + corrector_steps`` a step, plus the same one.
-
-Samplers without a step count (``dopri5``, adaptive ``probability_flow``) have no budget: the
-``reference`` sampler (``dopri5`` by default) is run once per model and seed at its own NFE.
+What ``steps`` cost (:func:`nfe_of_steps`) is not tabled here: each sampler declares it
+(``evaluations`` of :func:`flowkit.samplers.base.declare`; one a step for ``ddim``, ``rk4``'s
+four, ``edm_heun``'s count from its grid, the reverse-SDE samplers' Tweedie step …), and a
+sampler without a step count declares itself adaptive (``dopri5``, ``probability_flow`` with
+an adaptive method): it has no budget, and the ``reference`` sampler (``dopri5`` by default)
+is run once per model and seed at its own NFE.
 
 Example:
     >>> from flowkit.paths import VP, CondOT
@@ -55,15 +49,13 @@ from torch import Tensor
 from .components import SAMPLERS
 from .flow import Flow
 from .metrics import energy_distance, sliced_wasserstein
-from .solvers import FIXED_STEP
+from .samplers.base import declared_nfe
 
 __all__ = ["SweepModel", "SweepRow", "SweepResult", "nfe_of_steps", "steps_for_nfe", "nfe_sweep",
            "sweep_runs", "parse_nfes", "parse_samplers", "sampler_label", "METRICS"]
 
 #: the sample-quality metrics of a sweep (smaller is better)
 METRICS = ("energy_distance", "sliced_w2")
-#: samplers that spend one evaluation a step
-_ONE_A_STEP = frozenset({"euler", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "sde_dpmpp_2m", "flow_map"})
 #: the most steps :func:`steps_for_nfe` considers (a budget above this is refused)
 MAX_STEPS = 100_000
 
@@ -119,47 +111,18 @@ def sampler_label(sampler: str | Mapping[str, Any]) -> str:
     return " ".join([name] + [f"{k}={v}" for k, v in sorted(options.items())])
 
 
-def _defaults(name: str) -> dict[str, Any]:
-    params = inspect.signature(SAMPLERS.get(name)).parameters
-    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-
-
 def nfe_of_steps(name: str, flow: Flow, steps: int, **options: Any) -> Optional[int]:
-    """The exact network evaluations of sampler ``name`` run with ``steps`` steps on ``flow``
-    (the rules of the module docstring); ``None`` for a sampler without a step count.
-
-    Raises:
-        ValueError: ``name`` takes ``steps`` but has no rule here (add one with its sampler).
-    """
-    settings = {**_defaults(name), **options}
-    if "steps" not in settings:
-        return None
-    if name in _ONE_A_STEP:
-        return steps
-    if name in FIXED_STEP:
-        return steps * FIXED_STEP[name]
-    if name == "probability_flow":
-        method = settings.get("method", "dopri5")
-        return steps * FIXED_STEP[method] if method in FIXED_STEP else None
-    if name == "edm_heun":
-        from .samplers.schedules import resolve_schedule, sampling_grid
-
-        schedule = resolve_schedule(flow.path, settings["schedule"], "karras")
-        grid = sampling_grid(flow.path, steps, schedule, rho=settings["rho"], final=settings["final"])
-        return sum(1 if grid.alpha[i] == 0.0 or grid.sigma[i + 1] == 0.0 else 2 for i in range(grid.steps))
-    if name in ("euler_maruyama", "predictor_corrector"):
-        per_step = 1 + int(settings.get("corrector_steps", 0))
-        tweedie = bool(settings.get("denoise")) and flow.denoise is not None
-        return steps * per_step + int(tweedie)
-    raise ValueError(f"nfe_sweep: sampler {name!r} takes steps, but its NFE per step is unknown; "
-                     f"give it a rule in flowkit.nfe_sweep.nfe_of_steps")
+    """The exact network evaluations of sampler ``name`` run with ``steps`` steps and ``options``
+    on ``flow``, as the sampler declares them (:func:`flowkit.samplers.base.declared_nfe`);
+    ``None`` for an adaptive sampler."""
+    return declared_nfe(SAMPLERS.get(name), flow, steps, **options)
 
 
 def steps_for_nfe(name: str, flow: Flow, budget: int, **options: Any) -> Optional[int]:
     """The most ``steps`` whose NFE (:func:`nfe_of_steps`) is at most ``budget``; ``None`` where
     even one step costs more (``heun`` at ``budget = 1``) or the sampler has no step count.
 
-    NFE grows with ``steps`` for every rule, so the answer is found by bisection.
+    NFE grows with ``steps`` for every sampler, so the answer is found by bisection.
     """
     if isinstance(budget, bool) or int(budget) != budget or budget < 1:
         raise ValueError(f"an NFE budget must be an integer >= 1, got {budget!r}")
@@ -272,7 +235,7 @@ def nfe_sweep(models: Mapping[str, SweepModel | Any], samplers: Sequence[str | M
                 x, spent = _draw(flow, name, run_options, n, seed, device)
                 if expected is not None and spent != expected:
                     raise RuntimeError(f"nfe_sweep: {name} with steps={steps} spent {spent} NFE, "
-                                       f"its rule says {expected}: fix flowkit.nfe_sweep.nfe_of_steps")
+                                       f"it declares {expected}: fix its declare(evaluations=...)")
                 row.nfe = spent if row.nfe is None else max(row.nfe, spent)
                 for metric, value in _score(x, tests[seed], seed).items():
                     row.values.setdefault(metric, []).append(value)

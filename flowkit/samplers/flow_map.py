@@ -44,7 +44,7 @@ __all__ = ["flow_map"]
 
 
 @SAMPLERS.register("flow_map")
-@declare(needs=("flow_map",))
+@declare(needs=("flow_map",), evaluations=1)
 def flow_map(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: PositiveInt = 1,
              renoise: bool = False, seed: Optional[Seed] = None) -> SampleResult:
     """``steps`` applications of the flow's learned map from ``t1`` to ``t0`` (module docstring).

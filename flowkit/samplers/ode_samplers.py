@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ from ..constraints import AtLeast, FiniteFloat
 from ..flow import Flow, guided
 from ..solvers import FIXED_STEP, ODEMethod, SolverSpec, StepCount, Tolerance, as_solver, \
     fixed_step_needs_steps, odeint
-from .base import SampleResult, declare
+from .base import ADAPTIVE, SampleResult, declare
 
 #: times per segment returned when > 2 (2: the end points only, no trajectory)
 NTimes = Annotated[int, AtLeast(2)]
@@ -70,8 +70,20 @@ def integrate_flow(flow: Flow, x: Tensor, *, solver: Optional[SolverSpec] = None
     return SampleResult(x, nfe, torch.cat(path) if n_times > 2 else None, solver)
 
 
+def _stage_count(method: Optional[str] = None) -> Callable[[Flow, int, Mapping[str, Any]], Optional[int]]:
+    """The declared ``evaluations`` of an ODE sampler: ``steps`` × the stages of ``method`` (``None``:
+    of the sampler's ``method`` option) for every block of a stacked CNF; ``None`` for an
+    adaptive method."""
+
+    def evaluations(flow: Flow, steps: int, settings: Mapping[str, Any]) -> Optional[int]:
+        stages = FIXED_STEP.get(method or settings["method"])
+        return None if stages is None else steps * stages * len(flow.segments())
+
+    return evaluations
+
+
 @SAMPLERS.register("dopri5")
-@declare(needs=("velocity",))
+@declare(needs=("velocity",), evaluations=ADAPTIVE)
 def dopri5(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, rtol: Tolerance = 1e-5,
            atol: Tolerance = 1e-5, per_sample_norm: bool = False, guidance: FiniteFloat = 0.0,
            n_times: NTimes = 2) -> SampleResult:
@@ -92,7 +104,7 @@ def _fixed_step_sampler(method: str) -> Callable[..., SampleResult]:
     sampler.__name__ = sampler.__qualname__ = method
     sampler.__doc__ = (f"Fixed-step {method} on the flow's ODE: exactly steps × {stages} "
                        f"evaluation{'s' * (stages > 1)} per block.")
-    return SAMPLERS.register(method)(declare(needs=("velocity",))(sampler))
+    return SAMPLERS.register(method)(declare(needs=("velocity",), evaluations=_stage_count(method))(sampler))
 
 
 #: one sampler per fixed-step method of the table, registered under the method's name
@@ -100,7 +112,7 @@ FIXED_STEP_SAMPLERS: dict[str, Callable[..., SampleResult]] = {m: _fixed_step_sa
 
 
 @SAMPLERS.register("probability_flow")
-@declare(needs=("velocity",), argument_rules=(fixed_step_needs_steps,))
+@declare(needs=("velocity",), evaluations=_stage_count(), argument_rules=(fixed_step_needs_steps,))
 def probability_flow(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, method: ODEMethod = "dopri5",
                      rtol: Tolerance = 1e-5, atol: Tolerance = 1e-5, steps: Optional[StepCount] = None,
                      per_sample_norm: bool = False, guidance: FiniteFloat = 0.0, n_times: NTimes = 2) -> SampleResult:

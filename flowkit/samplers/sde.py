@@ -5,9 +5,10 @@ Song et al. 2021, eq. 6)
 
 .. math::  dx = \big[f(t, x) - g(t)^2\, \nabla_x \log p_t(x)\big]\, dt + g(t)\, d\bar w
 
-run from ``t1`` down to ``t0`` carries the prior to data. Both samplers here take
-``steps`` uniform steps ``h = (t0 − t1)/steps < 0`` and need a flow with ``score``,
-``drift`` and ``diffusion`` (e.g. :func:`flowkit.diffusion.flow_from_score`):
+run from ``t1`` down to ``t0`` carries the prior to data. Both samplers here step
+through the same grid of ``steps`` steps (below: the flow's declared grid unless given) and
+need a flow with ``score``, ``drift`` and ``diffusion`` (e.g.
+:func:`flowkit.diffusion.flow_from_score`):
 
 * ``euler_maruyama`` — ``x ← x + [f − g² s] h + g sqrt(|h|) z`` (Kloeden & Platen 1992);
 * ``predictor_corrector`` — the same predictor preceded at each time by Langevin
@@ -22,11 +23,13 @@ marginals (Zhang & Chen 2021, eq. 16),
 selected by ``noise_scale`` (λ): λ = 1 is the reverse SDE above, λ = 0 the probability-flow
 ODE (Euler steps), values in between trade stochasticity for smoothness. Every member
 has the forward SDE's marginals ``p_t`` when the score is exact (the Fokker–Planck equation
-gains ``λ²/2 g² Δp`` from the noise and loses the same from the extra drift). Its option
-``grid_power`` (β) spaces the times as ``t0 + (t1 − t0)(k/steps)^β`` — uniform for β = 1,
-DiffFlow's ``L_β`` grid (Zhang & Chen 2021, Sec. 3.3) for a model trained on it. Left unset,
-``steps`` and ``grid_power`` come from the flow's declared :class:`~flowkit.flow.TimeGrid`
-(DiffFlow declares the grid it was trained on), else 500 uniform steps.
+gains ``λ²/2 g² Δp`` from the noise and loses the same from the extra drift).
+
+The grid. Both samplers take ``steps`` and ``grid_power`` (β), which space the times as
+``t0 + (t1 − t0)(k/steps)^β`` — uniform for β = 1, DiffFlow's ``L_β`` grid (Zhang & Chen 2021,
+Sec. 3.3) for a model trained on it. Left unset, they come from the flow's declared
+:class:`~flowkit.flow.TimeGrid` (DiffFlow declares the grid it was trained on), else 500
+uniform steps (:func:`sde_grid`, the one place the grid is chosen).
 
 ``denoise=True`` ends with Tweedie's ``E[x_data | x_{t0}]`` via ``flow.denoise``; a flow
 without a denoiser instead takes the last step without noise (its mean update), as Song
@@ -37,7 +40,7 @@ evaluation is one batched call).
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -47,14 +50,14 @@ from ..constraints import FiniteFloat, NonNegativeFloat, NonNegativeInt, Positiv
 from ..flow import Flow, TimeGrid, guided
 from .base import SampleResult, declare
 
-__all__ = ["euler_maruyama", "predictor_corrector"]
+__all__ = ["euler_maruyama", "predictor_corrector", "sde_grid"]
 
 _BACKENDS = ("loop", "torchsde")
 
 #: what both samplers use from a flow (``denoise`` too when the flow has one)
 SDE_NEEDS = ("score", "drift", "diffusion")
 
-#: ``steps`` of ``euler_maruyama`` for a flow that declares no :class:`~flowkit.flow.TimeGrid`
+#: ``steps`` of both samplers for a flow that declares no :class:`~flowkit.flow.TimeGrid`
 DEFAULT_STEPS = 500
 
 _torchsde_uniform = Rule(("grid_power", "backend"),
@@ -115,13 +118,43 @@ def _generator(seed: Optional[int], x: Tensor) -> Optional[torch.Generator]:
     return None if seed is None else torch.Generator(device=x.device).manual_seed(int(seed))
 
 
-def _grid(flow: Flow, steps: Optional[int], power: Optional[float]) -> TimeGrid:
-    """The sampling grid: ``steps`` and ``power`` where given, else the flow's declared
-    :attr:`~flowkit.flow.Flow.time_grid`, else :data:`DEFAULT_STEPS` uniform steps."""
-    _check(1 if steps is None else steps, **({} if power is None else {"grid_power": power}))
+def sde_grid(flow: Flow, steps: Optional[int] = None, grid_power: Optional[float] = None) -> TimeGrid:
+    """The grid both reverse-SDE samplers step through: ``steps`` and ``grid_power`` where
+    given, else those of the flow's declared :attr:`~flowkit.flow.Flow.time_grid`, else
+    :data:`DEFAULT_STEPS` uniform steps.
+
+    Raises:
+        ValueError: ``steps`` not an integer ``>= 1`` or ``grid_power`` not ``> 0``.
+
+    Example:
+        >>> from flowkit.flow import Flow, StandardNormal
+        >>> flow = Flow(velocity=None, prior=StandardNormal((2,)), time_grid=TimeGrid(30, 0.9))
+        >>> sde_grid(flow), sde_grid(flow, steps=4)
+        (TimeGrid(steps=30, power=0.9), TimeGrid(steps=4, power=0.9))
+    """
+    _check(1 if steps is None else steps, **({} if grid_power is None else {"grid_power": grid_power}))
     declared = flow.time_grid or TimeGrid(DEFAULT_STEPS)
     return TimeGrid(int(declared.steps if steps is None else steps),
-                    float(declared.power if power is None else power))
+                    float(declared.power if grid_power is None else grid_power))
+
+
+def _tweedie(flow: Flow, settings: Mapping[str, Any]) -> bool:
+    """Whether a sampler with ``settings`` ends with the flow's denoiser (one more evaluation)."""
+    return bool(settings["denoise"]) and flow.denoise is not None
+
+
+def _euler_maruyama_evaluations(flow: Flow, steps: int, settings: Mapping[str, Any]) -> int:
+    """One score a step, one denoiser call for Tweedie, and with ``backend="torchsde"`` the drift
+    evaluation ``sdeint`` makes to check shapes (none where it has no step to take: one step,
+    taken noise-free by the loop)."""
+    tweedie = _tweedie(flow, settings)
+    torchsde_steps = steps - int(bool(settings["denoise"]) and not tweedie)
+    return steps + int(tweedie) + int(settings["backend"] == "torchsde" and torchsde_steps > 0)
+
+
+def _predictor_corrector_evaluations(flow: Flow, steps: int, settings: Mapping[str, Any]) -> int:
+    """``1 + corrector_steps`` scores a step, and one denoiser call for Tweedie."""
+    return steps * (1 + int(settings["corrector_steps"])) + int(_tweedie(flow, settings))
 
 
 def _check(steps: int, **positive: float) -> None:
@@ -133,15 +166,16 @@ def _check(steps: int, **positive: float) -> None:
 
 
 @SAMPLERS.register("euler_maruyama")
-@declare(needs=SDE_NEEDS, argument_rules=(_torchsde_uniform,))
+@declare(needs=SDE_NEEDS, evaluations=_euler_maruyama_evaluations, argument_rules=(_torchsde_uniform,))
 def euler_maruyama(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: Optional[PositiveInt] = None,
                    denoise: bool = True, guidance: FiniteFloat = 0.0, seed: Optional[Seed] = None,
                    backend: Literal["loop", "torchsde"] = "loop", noise_scale: NonNegativeFloat = 1.0,
                    grid_power: Optional[PositiveFloat] = None) -> SampleResult:
     r"""Euler–Maruyama on the reverse-time SDE (Song et al. 2021, eq. 6), ``steps`` steps.
 
-    ``x_{i+1} = x_i + [f(t_i, x_i) − g(t_i)² s(t_i, x_i)] h + g(t_i) sqrt(−h) z_i`` with
-    ``h = (t0 − t1)/steps``, from ``x`` at ``t1`` to ``t0``. With ``noise_scale`` λ the step
+    ``x_{i+1} = x_i + [f(t_i, x_i) − g(t_i)² s(t_i, x_i)] h_i + g(t_i) sqrt(−h_i) z_i`` with
+    ``h_i = t_{i+1} − t_i < 0`` on the grid :func:`sde_grid` (``h = (t0 − t1)/steps`` where
+    uniform), from ``x`` at ``t1`` to ``t0``. With ``noise_scale`` λ the step
     is that of the marginal-equivalent SDE (Zhang & Chen 2021, eq. 16):
     ``x_{i+1} = x_i + [f − (1 + λ²)/2 · g² s] h + λ g sqrt(−h) z_i``.
 
@@ -171,7 +205,8 @@ def euler_maruyama(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, step
             flow without one. The ``torchsde`` backend needs uniform steps.
 
     Returns:
-        :class:`~flowkit.samplers.base.SampleResult` with ``nfe`` score evaluations.
+        :class:`~flowkit.samplers.base.SampleResult` with ``nfe`` score evaluations: ``steps``,
+        +1 for the Tweedie step, +1 for torchsde's shape check.
 
     Example:
         >>> from flowkit.flow import Flow, StandardNormal
@@ -182,7 +217,7 @@ def euler_maruyama(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, step
         >>> euler_maruyama(flow, torch.randn(4, 2), steps=10, noise_scale=0.5).x.shape
         torch.Size([4, 2])
     """
-    grid = _grid(flow, steps, grid_power)
+    grid = sde_grid(flow, steps, grid_power)
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(_BACKENDS)}")
     if not noise_scale >= 0:
@@ -255,41 +290,60 @@ def _torchsde_euler(rev: _Reverse, x: Tensor, times: Tensor, n: int, seed: Optio
 
 
 @SAMPLERS.register("predictor_corrector")
-@declare(needs=SDE_NEEDS)
-def predictor_corrector(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: PositiveInt = 500,
+@declare(needs=SDE_NEEDS, evaluations=_predictor_corrector_evaluations)
+def predictor_corrector(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: Optional[PositiveInt] = None,
                         corrector_steps: NonNegativeInt = 1, snr: PositiveFloat = 0.16, denoise: bool = True,
-                        guidance: FiniteFloat = 0.0, seed: Optional[Seed] = None) -> SampleResult:
+                        guidance: FiniteFloat = 0.0, seed: Optional[Seed] = None,
+                        grid_power: Optional[PositiveFloat] = None) -> SampleResult:
     r"""Predictor–corrector sampling (Song et al. 2021, Algorithms 4 and 5).
 
-    At each time ``t_i`` (from ``t1``) ``corrector_steps`` Langevin steps at ``t_i``,
+    At each time ``t_i`` of the grid (:func:`sde_grid`, from ``t1``) ``corrector_steps``
+    Langevin steps at ``t_i``,
 
     .. math::  x \leftarrow x + \epsilon\, s(t_i, x) + \sqrt{2\epsilon}\, z, \qquad
                \epsilon = 2 a_i \Big(\mathrm{snr}\, \frac{\lVert z\rVert}{\lVert s\rVert}\Big)^2,
 
     then one Euler–Maruyama predictor step to ``t_{i+1}``. The norms are batch means of
     per-sample norms, as in Song et al.'s reference code. ``a_i`` is Algorithm 5's
-    ``α_i = 1 − β_i`` generalised to any path: ``exp(2 f(t_i) |h|)``, the one-step
-    variance decay of the forward drift ``f(t) x`` (1 for VE, Algorithm 4); ``f(t_i)`` is
-    read off the drift as ``⟨drift(t_i, x), x⟩ / ‖x‖²`` (exact for a linear drift).
+    ``α_i = 1 − β_i`` generalised to any path and grid: ``exp(2 f(t_i) |h_i|)``, the one-step
+    variance decay of the forward drift ``f(t) x`` over the step ``h_i = t_{i+1} − t_i`` (1 for
+    VE, Algorithm 4); ``f(t_i)`` is read off the drift as ``⟨drift(t_i, x), x⟩ / ‖x‖²`` (exact
+    for a linear drift). With ``corrector_steps=0`` it is :func:`euler_maruyama` (same grid,
+    same noise for the same ``seed``).
 
     Args:
         flow: a flow with ``score``, ``drift`` and ``diffusion``.
         x: samples of the prior at ``flow.t1``.
         cond: optional condition.
-        steps: predictor steps.
+        steps: predictor steps; ``None``: the flow's ``time_grid.steps``, or 500 for a flow
+            without one.
         corrector_steps: Langevin steps before each predictor step (0: plain Euler–Maruyama).
         snr: target signal-to-noise ratio of a Langevin step.
-        denoise, guidance, seed: as for :func:`euler_maruyama`.
+        denoise, guidance, seed, grid_power: as for :func:`euler_maruyama`.
 
     Returns:
         :class:`~flowkit.samplers.base.SampleResult`; ``nfe = steps × (1 + corrector_steps)``
         (+1 for the Tweedie step).
+
+    Example:
+        >>> from flowkit.flow import Flow, StandardNormal
+        >>> seen = []
+        >>> def score(t, x, c=None):
+        ...     seen.append(round(float(t), 4))
+        ...     return -x
+        >>> one = lambda t: torch.ones_like(torch.as_tensor(t))
+        >>> flow = Flow(velocity=None, prior=StandardNormal((2,)), score=score,
+        ...             drift=lambda t, x, c=None: 0 * x, diffusion=one, time_grid=TimeGrid(2, 2.0))
+        >>> predictor_corrector(flow, torch.randn(4, 2), corrector_steps=1, seed=0).nfe, seen
+        (4, [1.0, 1.0, 0.25, 0.25])
     """
-    _check(steps, snr=snr)
+    grid = sde_grid(flow, steps, grid_power)
+    _check(grid.steps, snr=snr)
     if int(corrector_steps) != corrector_steps or corrector_steps < 0:
         raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
     rev = _Reverse(flow, cond, guidance, by="predictor_corrector")
-    times = torch.linspace(flow.t1, flow.t0, int(steps) + 1, dtype=x.dtype, device=x.device)
+    steps = grid.steps
+    times = grid.times(flow.t0, flow.t1, x)
     tweedie = denoise and rev.denoise_fn is not None
     gen = _generator(seed, x)
 
@@ -297,7 +351,7 @@ def predictor_corrector(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None,
         return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=gen)
 
     with torch.no_grad():
-        for i in range(int(steps)):
+        for i in range(steps):
             t, h = times[i], times[i + 1] - times[i]
             if corrector_steps:
                 f = (_call(flow.drift, t, x, cond) * x).sum() / x.pow(2).sum().clamp_min(1e-30)

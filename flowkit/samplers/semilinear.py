@@ -81,7 +81,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Optional, get_args
+from typing import Any, Callable, Literal, Mapping, Optional, get_args
 
 import torch
 from torch import Tensor
@@ -94,7 +94,7 @@ from .base import SampleResult, declare
 from .schedules import FinalStep, Grid, SamplerSchedule, log_snr, resolve_schedule, sampling_grid, time_of_log_snr
 
 __all__ = ["ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "edm_heun", "sde_dpmpp_2m", "phi_integrals",
-           "DataPrediction"]
+           "DataPrediction", "History"]
 
 #: what every sampler here uses from a flow: the velocity and the path that converts it to x̂₀
 NEEDS = ("velocity", "path")
@@ -216,14 +216,53 @@ def _dpmpp_3m_weights(h: float, rs: list[float]) -> list[float]:
     return _solve_weights(rs, [g[1], 0.5 * g[2]])
 
 
-def _finite_history(history: list[tuple[float, Tensor]], k: int) -> list[tuple[float, Tensor]]:
-    """The last ``k`` earlier ``(λ, x̂₀)`` at finite ``λ`` (a knot at ``α = 0`` has none)."""
-    out = []
-    for lam, m in reversed(history):
-        if len(out) == k or not math.isfinite(lam):
-            break
-        out.append((lam, m))
-    return out
+class History:
+    r"""The bookkeeping every multistep solver here shares: the ``x̂₀`` it evaluated at each knot
+    passed, and which of them a step may use.
+
+    Step ``i`` (knot ``i`` → ``i + 1``) uses the latest ``depth`` earlier ``(λ_j, x̂₀(t_j))``,
+    ``j < i``, latest first; so the first steps, with fewer behind them, are of lower order
+    (the warm-up). Only knots at finite ``λ`` count (a knot at ``α = 0`` has ``λ = −∞``: the
+    points before it are not used either), and a step from a knot at infinite ``λ`` or of
+    infinite ``h`` (out of ``α = 0``, into ``σ = 0``: the closed-form step, see the module
+    docstring) uses none, which lowers the last step's order on paths with ``σ_{t0} = 0`` or
+    with ``final="denoise"``.
+
+    Args:
+        grid: the knots the solver steps through.
+        depth: how many earlier points a step uses at most (order − 1 for DPM-Solver++(kM)).
+
+    Example:
+        >>> from flowkit.paths import CondOT
+        >>> from flowkit.samplers.schedules import sampling_grid
+        >>> history = History(sampling_grid(CondOT(), 4, "uniform"), depth=2)
+        >>> uses = []
+        >>> for i in range(4):  # α = 0 at the first knot, σ = 0 at the last
+        ...     uses.append(len(history.points(i)))
+        ...     history.add(torch.zeros(1))
+        >>> uses
+        [0, 0, 1, 0]
+    """
+
+    def __init__(self, grid: Grid, depth: int) -> None:
+        self.grid, self.depth = grid, int(depth)
+        self.values: list[Tensor] = []  # x̂₀ at knots 0, 1, … in order
+
+    def add(self, m: Tensor) -> None:
+        """Record ``x̂₀`` at the next knot (knot ``len(values)``)."""
+        self.values.append(m)
+
+    def points(self, i: int) -> list[tuple[float, Tensor]]:
+        """The ``(λ_j, x̂₀(t_j))`` step ``i`` uses (class docstring), latest first."""
+        lam = self.grid.log_snr
+        if not (math.isfinite(lam[i]) and math.isfinite(lam[i + 1] - lam[i])):
+            return []
+        out: list[tuple[float, Tensor]] = []
+        for j in range(min(i, len(self.values)) - 1, -1, -1):
+            if len(out) == self.depth or not math.isfinite(lam[j]):
+                break
+            out.append((lam[j], self.values[j]))
+        return out
 
 
 def _grid(flow: Flow, steps: int, schedule: str, rho: float, final: str, by: str,
@@ -239,19 +278,18 @@ def _multistep(flow: Flow, x: Tensor, cond: Optional[Tensor], steps: int, schedu
     _check_guidance(guidance)
     grid = _grid(flow, steps, schedule, rho, final, by)
     model = DataPrediction(flow, cond, guidance, by)
-    history: list[tuple[float, Tensor]] = []
+    history = History(grid, order - 1)
     with torch.no_grad():
         for i in range(grid.steps):
             m0 = model(grid.t[i], x)
-            points = _finite_history(history, order - 1) if math.isfinite(grid.log_snr[i]) else []
-            x = _polynomial_step(grid, i, x, m0, points, weights)
-            history.append((grid.log_snr[i], m0))
+            x = _polynomial_step(grid, i, x, m0, history.points(i), weights)
+            history.add(m0)
     return SampleResult(x, model.nfe)
 
 
 
 @SAMPLERS.register("ddim")
-@declare(needs=NEEDS, order=1)
+@declare(needs=NEEDS, evaluations=1, order=1)
 def ddim(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: StepCount = 20,
          schedule: SamplerSchedule = "auto", rho: PositiveFloat = 7.0, final: FinalStep = "denoise",
          guidance: FiniteFloat = 0.0) -> SampleResult:
@@ -281,7 +319,7 @@ def ddim(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: StepCou
 
 
 @SAMPLERS.register("dpmpp_2m")
-@declare(needs=NEEDS, order=2)
+@declare(needs=NEEDS, evaluations=1, order=2)
 def dpmpp_2m(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: StepCount = 20,
              schedule: SamplerSchedule = "auto", rho: PositiveFloat = 7.0, final: FinalStep = "denoise",
              guidance: FiniteFloat = 0.0) -> SampleResult:
@@ -298,7 +336,7 @@ def dpmpp_2m(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: Ste
 
 
 @SAMPLERS.register("dpmpp_3m")
-@declare(needs=NEEDS, order=2)
+@declare(needs=NEEDS, evaluations=1, order=2)
 def dpmpp_3m(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: StepCount = 20,
              schedule: SamplerSchedule = "auto", rho: PositiveFloat = 7.0, final: FinalStep = "denoise",
              guidance: FiniteFloat = 0.0, third_order: ThirdOrder = "published") -> SampleResult:
@@ -345,7 +383,7 @@ def dpmpp_3m(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: Ste
 
 # --------------------------------------------------------------------------------- UniPC
 @SAMPLERS.register("unipc")
-@declare(needs=NEEDS, order=3)
+@declare(needs=NEEDS, evaluations=1, order=3)
 def unipc(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: StepCount = 20,
           schedule: SamplerSchedule = "auto", rho: PositiveFloat = 7.0, final: FinalStep = "denoise",
           guidance: FiniteFloat = 0.0) -> SampleResult:
@@ -365,7 +403,7 @@ def unipc(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: StepCo
     _check_guidance(guidance)
     grid = _grid(flow, steps, schedule, rho, final, "unipc")
     model = DataPrediction(flow, cond, guidance, "unipc")
-    history: list[tuple[float, Tensor]] = []  # (λ, x̂₀) at earlier knots
+    history = History(grid, 1)  # UniP-2: one earlier point
     start: Optional[Tensor] = None  # the (corrected) state the last step started from
 
     def bh2(h: float, rs: list[float]) -> list[float]:
@@ -377,19 +415,29 @@ def unipc(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: StepCo
         for i in range(grid.steps):
             m0 = model(grid.t[i], x)
             if i > 0:  # UniC: the step i−1 → i again, with the new evaluation at r = 1
-                prev_lam, m_prev = history[-1]
-                older = _finite_history(history[:-1], 1) if math.isfinite(prev_lam) else []
-                x = _polynomial_step(grid, i - 1, start, m_prev, older + [(grid.log_snr[i], m0)], bh2)
-            points = _finite_history(history, 1) if math.isfinite(grid.log_snr[i]) else []
+                points = history.points(i - 1) + [(grid.log_snr[i], m0)]
+                x = _polynomial_step(grid, i - 1, start, history.values[i - 1], points, bh2)
             start = x
-            x = _polynomial_step(grid, i, x, m0, points, bh2)
-            history.append((grid.log_snr[i], m0))
+            x = _polynomial_step(grid, i, x, m0, history.points(i), bh2)
+            history.add(m0)
     return SampleResult(x, model.nfe)
 
 
 # ------------------------------------------------------------------------------ EDM Heun
+def _euler_only(grid: Grid, i: int) -> bool:
+    """Whether EDM's step ``i`` is the one-evaluation Euler (DDIM) step: out of ``α = 0`` or into ``σ = 0``."""
+    return grid.alpha[i] == 0.0 or grid.sigma[i + 1] == 0.0
+
+
+def _edm_heun_evaluations(flow: Flow, steps: int, settings: Mapping[str, Any]) -> int:
+    """Two evaluations a step, one for each :func:`_euler_only` step of the grid."""
+    grid = _grid(flow, steps, settings["schedule"], settings["rho"], settings["final"], "edm_heun",
+                 preferred="karras")
+    return sum(1 if _euler_only(grid, i) else 2 for i in range(grid.steps))
+
+
 @SAMPLERS.register("edm_heun")
-@declare(needs=NEEDS, order=2)
+@declare(needs=NEEDS, evaluations=_edm_heun_evaluations, order=2)
 def edm_heun(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: StepCount = 18,
              schedule: SamplerSchedule = "auto", rho: PositiveFloat = 7.0, final: FinalStep = "denoise",
              guidance: FiniteFloat = 0.0, s_churn: NonNegativeFloat = 0.0, s_tmin: NonNegativeFloat = 0.0,
@@ -453,7 +501,7 @@ def edm_heun(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: Ste
             m = model(t, x)
             eps = (x - a * m) / s
             a_next, s_next = grid.alpha[i + 1], grid.sigma[i + 1]
-            if a == 0.0 or s_next == 0.0:  # the Euler (DDIM) step: x = α x̂₀ + σ ε̂
+            if _euler_only(grid, i):  # the Euler (DDIM) step: x = α x̂₀ + σ ε̂ (α = 0 stays 0: no churn)
                 x = a_next * m + s_next * eps
                 continue
             ratio_next = s_next / a_next
@@ -466,7 +514,7 @@ def edm_heun(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: Ste
 
 # -------------------------------------------------------------------- SDE-DPM-Solver++(2M)
 @SAMPLERS.register("sde_dpmpp_2m")
-@declare(needs=NEEDS)
+@declare(needs=NEEDS, evaluations=1)
 def sde_dpmpp_2m(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps: StepCount = 20,
                  schedule: SamplerSchedule = "auto", rho: PositiveFloat = 7.0, final: FinalStep = "denoise",
                  guidance: FiniteFloat = 0.0, seed: Optional[Seed] = None) -> SampleResult:
@@ -491,7 +539,7 @@ def sde_dpmpp_2m(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps:
     grid = _grid(flow, steps, schedule, rho, final, "sde_dpmpp_2m")
     model = DataPrediction(flow, cond, guidance, "sde_dpmpp_2m")
     gen = None if seed is None else torch.Generator(device=x.device).manual_seed(int(seed))
-    previous: Optional[tuple[float, Tensor]] = None
+    history = History(grid, 1)
     with torch.no_grad():
         for i in range(grid.steps):
             m0 = model(grid.t[i], x)
@@ -499,12 +547,12 @@ def sde_dpmpp_2m(flow: Flow, x: Tensor, *, cond: Optional[Tensor] = None, steps:
             h = lam_t - lam_s
             decay = math.exp(-h)  # e^{−h} (0 for h = ∞)
             d = m0
-            if previous is not None and math.isfinite(h) and math.isfinite(previous[0]):
-                r = (lam_s - previous[0]) / h
-                d = (1 + 0.5 / r) * m0 - (0.5 / r) * previous[1]
+            for lam_prev, m_prev in history.points(i):  # at most one: the 2M step
+                r = (lam_s - lam_prev) / h
+                d = (1 + 0.5 / r) * m0 - (0.5 / r) * m_prev
             x = (grid.sigma[i + 1] / grid.sigma[i] * decay) * x + (grid.alpha[i + 1] * -math.expm1(-2 * h)) * d
             if grid.sigma[i + 1] > 0:
                 z = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=gen)
                 x = x + grid.sigma[i + 1] * math.sqrt(-math.expm1(-2 * h)) * z
-            previous = (lam_s, m0)
+            history.add(m0)
     return SampleResult(x, model.nfe)
