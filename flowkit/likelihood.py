@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from .trace import DIFFERENTIATIONS, ESTIMATORS, NO_GRAPH, NOISES, divergence, finite_difference_step, sample_probe
 from .fast_divergence import bind, choose_strategy
 from .flow import FieldError, Flow, NonFiniteFieldError, Prior
+from .dopri5 import StepPlan
 from .solvers import PerSampleTimeField, CountingField, SolverSpec, as_solver, odeint
 
 __all__ = ["AugmentedDynamics", "AugmentedSolution", "integrate_augmented", "log_likelihood", "flow_log_likelihood",
@@ -268,13 +269,19 @@ class AugmentedDynamics(nn.Module):
 @dataclass
 class Likelihood:
     """Per-sample results: ``log_prob = prior_log_prob + delta`` (nats), the image ``z``
-    of ``x`` at ``t1``, and the solver's NFE."""
+    of ``x`` at ``t1``, and what the solve did: ``nfe`` (batched field calls),
+    ``sample_evals`` (evaluations of single samples: the rows of every call, summed;
+    ``nfe × B`` with shared steps, fewer where the per-sample solver retires finished samples)
+    and, for a per-sample solve, ``steps`` ``[B]``: each sample's accepted + rejected steps
+    (None with shared steps)."""
 
     log_prob: Tensor
     prior_log_prob: Tensor
     delta: Tensor
     z: Tensor
     nfe: int
+    sample_evals: Optional[int] = None
+    steps: Optional[Tensor] = None
 
 
 def log_likelihood(
@@ -358,7 +365,7 @@ def log_likelihood(
                                   time_per_sample=time_per_sample)
         prior_lp = prior.log_prob(sol.z)
         _check_prior(prior_lp, sol.z)
-        return Likelihood(prior_lp + sol.delta, prior_lp, sol.delta, sol.z, sol.nfe)
+        return Likelihood(prior_lp + sol.delta, prior_lp, sol.delta, sol.z, sol.nfe, sol.sample_evals, sol.steps)
 
 
 @dataclass
@@ -366,7 +373,10 @@ class AugmentedSolution:
     """The end of :func:`integrate_augmented`, per sample: the image ``z`` of ``x``, the
     log-determinant ``delta = ∫ tr ∂v/∂x dt`` (so ``log p(x) = log p(z) + delta``), RNODE's
     integrals ``kinetic = ∫‖v‖² dt`` and ``jacobian_norm = ∫‖∂v/∂x‖²_F dt`` (None unless
-    ``regularise``), and ``nfe``, the field evaluations of the solves."""
+    ``regularise``), ``nfe``, the field evaluations of the solves, ``step_plans``, one
+    :class:`~flowkit.dopri5.StepPlan` (or None) per segment, to warm-start the next solve, and
+    ``sample_evals`` and ``steps`` as in :class:`Likelihood` (summed over the segments; ``steps``
+    only when every segment was solved per sample)."""
 
     z: Tensor
     delta: Tensor
@@ -374,6 +384,9 @@ class AugmentedSolution:
     jacobian_norm: Optional[Tensor]
     nfe: int
     counters: Sequence[CountingField] = ()
+    step_plans: Sequence[Optional[StepPlan]] = ()
+    sample_evals: Optional[int] = None
+    steps: Optional[Tensor] = None
 
     def evaluations(self) -> int:
         """Field evaluations so far, those of a later backward pass (adjoint) included."""
@@ -395,6 +408,7 @@ def integrate_augmented(
     trust: bool = False,
     names: Optional[Sequence[str]] = None,
     time_per_sample: bool = False,
+    step_plans: Optional[Sequence[Optional[StepPlan]]] = None,
 ) -> AugmentedSolution:
     """Integrate ``d/dt [x, Δ, E, F] = [v, tr ∂v/∂x, ‖v‖², ‖∂v/∂x‖²_F]`` over ``segments`` in turn.
 
@@ -423,6 +437,9 @@ def integrate_augmented(
         time_per_sample: every field takes a ``[B]`` tensor of per-sample times; with ``trust``
             and a solver that allows it, each sample is stepped on its own
             (:func:`log_likelihood`).
+        step_plans: one plan per segment (or None) from an earlier solve's
+            :attr:`AugmentedSolution.step_plans`: warm-started step proposals
+            (:mod:`flowkit.dopri5`; the FFJORD objective passes the previous training step's).
 
     Returns:
         :class:`AugmentedSolution`.
@@ -444,8 +461,9 @@ def integrate_augmented(
     with torch.inference_mode(False):
         x = x.clone() if x.is_inference() else x
         cond = cond.clone() if cond is not None and cond.is_inference() else cond
-        state, nfe, counters = None, 0, []
-        for (field, t_start, t_end), name in zip(segments, names):
+        state, nfe, counters, plans, sample_evals, steps = None, 0, [], [], 0, 0
+        given = list(step_plans) if step_plans is not None else []
+        for index, ((field, t_start, t_end), name) in enumerate(zip(segments, names)):
             times = (float(t_start), float(t_end))
             aug = AugmentedDynamics(field, shape, estimator=estimator, cond=cond, regularise=regularise,
                                     create_graph=create_graph, check_finite=trust,
@@ -466,7 +484,8 @@ def integrate_augmented(
                         sol = odeint(PerSampleTimeField(aug.forward_rows, name), state, list(times), solver)
                         counted.nfe += sol.nfe
                     else:
-                        sol = odeint(counted, state, list(times), solver, adjoint_params=params)
+                        sol = odeint(counted, state, list(times), solver, adjoint_params=params,
+                                     step_plan=given[index] if index < len(given) else None)
                 except AssertionError:  # "underflow in dt" (torchdiffeq's, flowkit.dopri5's): a non-finite field
                     if aug.failure is None:
                         raise
@@ -474,9 +493,13 @@ def integrate_augmented(
                 if trust:
                     aug.raise_if_failed(sol.ys[-1])
             state, nfe = sol.ys[-1], nfe + sol.nfe
+            plans.append(sol.step_plan)
+            sample_evals = None if sample_evals is None or sol.sample_evals is None else sample_evals + sol.sample_evals
+            per_segment = None if sol.accepted is None or sol.rejected is None else sol.accepted + sol.rejected
+            steps = None if steps is None or per_segment is None else steps + per_segment
     z = state[:, :dim].reshape(x.shape)
     extra = (state[:, dim + 1], state[:, dim + 2]) if regularise else (None, None)
-    return AugmentedSolution(z, state[:, dim], *extra, nfe, counters)
+    return AugmentedSolution(z, state[:, dim], *extra, nfe, counters, plans, sample_evals, steps)
 
 
 def check_data(x: Tensor, name: str = "x") -> None:

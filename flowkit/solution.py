@@ -10,7 +10,7 @@ declaration that a field takes one time per sample. All are re-exported by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,8 @@ class Solution:
     ``sample_evals`` counts evaluations of single samples (the rows of every call, summed:
     ``nfe × batch`` with shared steps); a per-sample solve also reports each sample's
     ``accepted`` and ``rejected`` steps (``[B]``) and ``step_control`` says which control ran.
+    ``step_plan`` (a :class:`flowkit.dopri5.StepPlan`, shared-step ``dopri5`` without the adjoint)
+    records the accepted steps, to warm-start a later solve of a similar problem.
     """
 
     ys: Tensor
@@ -41,6 +43,7 @@ class Solution:
     accepted: Optional[Tensor] = None
     rejected: Optional[Tensor] = None
     step_control: str = "batch"
+    step_plan: Optional[Any] = None
 
     def mean_steps(self) -> Optional[float]:
         """Mean accepted + rejected steps per sample (per-sample solves; ``None`` otherwise)."""

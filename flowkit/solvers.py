@@ -70,6 +70,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .dopri5 import StepPlan, dopri5
 from .solution import PerSampleTimeField, Solution, SolverError
 from .solvers_per_sample import odeint_per_sample
 from .constraints import PositiveFloat, PositiveInt, Rule, check_value
@@ -306,6 +307,7 @@ def odeint(
     solver: Optional[SolverSpec] = None,
     *,
     adjoint_params: Optional[Sequence[Tensor]] = None,
+    step_plan: Optional[StepPlan] = None,
     **settings: Any,
 ) -> Solution:
     """Solve ``dx/dt = field(t, x)`` from ``times[0]``, returning the state at each time.
@@ -319,6 +321,10 @@ def odeint(
         solver: the solver (default ``SolverSpec()``: ``dopri5``, ``rtol = atol = 1e-5``).
         adjoint_params: with ``solver.adjoint``: the parameters to differentiate (default:
             those of ``field``, which must then be an ``nn.Module``).
+        step_plan: warm start from an earlier solve's :attr:`Solution.step_plan` over the same
+            times (shared-step ``dopri5`` without the adjoint; see :mod:`flowkit.dopri5`: only
+            the step proposals change, every step is still error-controlled). Other methods
+            take no plan and return none.
         **settings: instead of ``solver``, its fields one by one (``method="rk4", steps=8``).
 
     Returns:
@@ -349,14 +355,14 @@ def odeint(
     if solver.fixed_step and not solver.adjoint:
         ys = _fixed(counted, x, times, solver.method, int(solver.steps))
     elif solver.method == LEAN_METHOD and not solver.adjoint:
-        from .dopri5 import dopri5  # imports nothing of this module's
-
-        ys = dopri5(counted, x, times, rtol=solver.rtol, atol=solver.atol,
-                    norm=per_sample_rms_norm() if solver.per_sample_norm else None, max_steps=solver.max_steps).ys
+        lean = dopri5(counted, x, times, rtol=solver.rtol, atol=solver.atol,
+                      norm=per_sample_rms_norm() if solver.per_sample_norm else None, max_steps=solver.max_steps,
+                      plan=step_plan)
+        ys, step_plan = lean.ys, lean.plan
     else:
-        ys = _torchdiffeq(counted, x, times, solver, adjoint_params)
+        ys, step_plan = _torchdiffeq(counted, x, times, solver, adjoint_params), None
     nfe = counted.nfe - start
-    return Solution(ys, nfe, sample_evals=nfe * x.shape[0])
+    return Solution(ys, nfe, sample_evals=nfe * x.shape[0], step_plan=step_plan)
 
 
 def _fixed(field, x: Tensor, times: Tensor, method: str, steps: int) -> Tensor:

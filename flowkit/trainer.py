@@ -230,6 +230,8 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "recipe": self.built.recipe,
+            # the main process's (FFJORD's warm-started step plans); absent from older checkpoints
+            "solver": acc.unwrap_model(self.model).solver_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -243,6 +245,7 @@ class Trainer:
             self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            self.accelerator.unwrap_model(self.model).load_solver_state(state.get("solver", {}))
             if self.ema is not None and state.get("ema_state") is not None:
                 self.ema.load_state_dict(state["ema_state"])
             torch.set_rng_state(state["rng"]["torch"])

@@ -97,6 +97,15 @@ class Objective(nn.Module):
     def after_step(self, step: int) -> None:
         """Hook run by the trainer after each optimiser step (progressive schedules)."""
 
+    def solver_state(self) -> dict[str, Tensor]:
+        """What the training solves carry from one step to the next that is not a weight
+        (FFJORD's warm-started step plans), as tensors: the trainer writes it into every
+        checkpoint so that a resumed run continues as the uninterrupted one would. None here."""
+        return {}
+
+    def load_solver_state(self, state: Mapping[str, Tensor]) -> None:
+        """Restore :meth:`solver_state` (a checkpoint written before it existed passes ``{}``)."""
+
 
 def drop_condition(cond: Optional[Tensor], p: float) -> Optional[Tensor]:
     """Replace each condition by the null condition with probability ``p`` (classifier-free

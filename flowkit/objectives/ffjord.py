@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..components import OBJECTIVES
+from ..dopri5 import StepPlan
 from ..constraints import DropProbability, NonNegativeFloat, PositiveFloat, PositiveInt, Rule
 from ..fast_divergence import PATHS, FieldWrapper, declared_paths
 from ..flow import Flow, StandardNormal
@@ -122,6 +123,12 @@ class FFJORD(Objective):
             a GPU (launch-bound models; equal to ``default`` on CPU); ``max-autotune``:
             with kernel autotuning. Networks that declare no forward-mode path (``jacobian``,
             ``jvp``; :mod:`flowkit.fast_divergence`) run eagerly.
+        warm_start: start each training step's solves from the previous step's accepted step
+            sizes (:class:`~flowkit.dopri5.StepPlan`; ``dopri5`` without the adjoint): fewer
+            rejected steps and no small first step, the same error control (every step is still
+            accepted only within the tolerance). The plans are saved in checkpoints, so a
+            resumed run continues exactly as the uninterrupted one. ``false``: every solve
+            starts with the Hairer–Nørsett–Wanner starting step, as torchdiffeq does.
         multiscale: FFJORD's multiscale image CNF (appendix D): ``blocks`` networks per
             scale, squeeze and factor-out expressed as blocks that move only their scale's
             coordinates (:func:`flowkit.dynamics.multiscale.multiscale_fields`).
@@ -142,7 +149,7 @@ class FFJORD(Objective):
                  rtol: Tolerance = 1e-5, atol: Tolerance = 1e-5, steps: Optional[StepCount] = None,
                  per_sample_norm: bool = False, adjoint: bool = False, kinetic: NonNegativeFloat = 0.0,
                  jacobian: NonNegativeFloat = 0.0, cond_dropout: DropProbability = 0.0,
-                 compile: CompileMode = False, multiscale: bool = False,
+                 compile: CompileMode = False, warm_start: bool = True, multiscale: bool = False,
                  n_scales: Optional[PositiveInt] = None) -> None:
         solver = SolverSpec(method, rtol=rtol, atol=atol, steps=steps, per_sample_norm=per_sample_norm,
                             adjoint=adjoint)  # bad settings fail here, before anything is built
@@ -166,6 +173,9 @@ class FFJORD(Objective):
         self.kinetic, self.jacobian = kinetic, jacobian
         self.cond_dropout = cond_dropout
         self.prior = StandardNormal(self.shape)
+        self.warm_start = warm_start
+        #: the last training step's accepted steps, one plan per block (see ``warm_start``)
+        self.step_plans: list[Optional[StepPlan]] = []
 
     def flow(self) -> Flow:
         fields = list(self.blocks)
@@ -175,8 +185,12 @@ class FFJORD(Objective):
     def loss(self, x: Tensor, cond: Optional[Tensor] = None) -> LossOutput:
         cond = drop_condition(cond, self.cond_dropout) if self.training else cond
         regularise = bool(self.kinetic or self.jacobian)
+        warm = self.warm_start and self.training and torch.is_grad_enabled()
         sol = integrate_augmented(self.flow().segments(), x, cond=cond, estimator=self.divergence, noise=self.noise,
-                                  solver=self.solver, regularise=regularise, create_graph=True)
+                                  solver=self.solver, regularise=regularise, create_graph=True,
+                                  step_plans=self.step_plans if warm else None)
+        if warm:
+            self.step_plans = list(sol.step_plans)
         log_prob = self.prior.log_prob(sol.z) + sol.delta
         nll = -log_prob.mean()
         loss = nll
@@ -194,3 +208,14 @@ class FFJORD(Objective):
             return {"nfe_backward": float(total - forward_nfe) if self.solver.adjoint else float(forward_nfe)}
 
         return LossOutput(loss, metrics, backward_nfe)
+
+    def solver_state(self) -> dict[str, Tensor]:
+        return {f"step_plan.{i}": plan.to_tensor() for i, plan in enumerate(self.step_plans) if plan is not None}
+
+    def load_solver_state(self, state: Mapping[str, Tensor]) -> None:
+        plans: list[Optional[StepPlan]] = [None] * len(self.blocks)
+        for key, data in state.items():
+            index = int(key.rsplit(".", 1)[1]) if key.startswith("step_plan.") else -1
+            if 0 <= index < len(plans):
+                plans[index] = StepPlan.from_tensor(data)
+        self.step_plans = plans
