@@ -10,11 +10,11 @@ dopri5 at ``rtol = atol = 1e-5``.
 The score: the mixture's exact VP marginal score with **one time per sample**
 (:func:`vp_mixture_score`, from the eigendecomposition ``Σ_k = U_k Λ_k U_kᵀ``, so
 ``α²Σ_k + σ²I = U_k (α²Λ_k + σ²) U_kᵀ`` costs no factorisation per time). Every variant calls
-this same ``s(x, t)`` (``t`` a ``[B]`` tensor, as diffusion code calls it); it agrees with
-:func:`flowkit.gmm.mixture_score_field` to rounding (checked at start-up), whose own
-distinct-times path factorises ``B × K`` covariances per call — a cost a neural score network
-does not have (a ``[B]`` time input is free to it) and which would otherwise be charged to the
-per-sample solver alone.
+this same ``s(x, t)`` (``t`` a ``[B]`` tensor, as diffusion code calls it), so the score costs
+every variant the same, as a neural score network's ``[B]`` time input would. It agrees with
+:func:`flowkit.gmm.mixture_score_field` to rounding (checked at start-up), which now takes the
+same eigen form at distinct times; before, it factorised ``B × K`` covariances per call (the
+"distinct t" column of the score-call table of runs made then: 61 ms at D = 8, N = 5,000).
 
 Compared, interleaved (round-robin over the variants, ``--repeats`` rounds), one thread:
 
@@ -39,6 +39,7 @@ Compared, interleaved (round-robin over the variants, ``--repeats`` rounds), one
     python bench/diffusion_likelihood.py                       # CPU, one thread, N = 1,000 and 5,000
     python bench/diffusion_likelihood.py --n 5000 --repeats 5 --dims 8
     python bench/diffusion_likelihood.py --device cuda --tag cuda
+    python bench/diffusion_likelihood.py --render-only            # the .md again from the stored .json
 
 Speed ratios are ``peer seconds / flowkit seconds`` (> 1: flowkit is faster). Results:
 ``bench/results/diffusion_likelihood[_TAG].json`` and ``.md``.
@@ -188,7 +189,7 @@ def per_sample_log_likelihood(score_xt: Callable, x: Tensor, prior, path: VP, *,
     out = sol.ys[-1]
     steps = (sol.accepted + sol.rejected).double()
     return {"log_prob": prior.log_prob(out[:, :d]) + out[:, d], "nfe": sol.nfe,
-            "evals_per_sample": sol.sample_evals / b, "mean_steps": float(steps.mean()),
+            "evals_per_sample": sol.sample_evals / b, "evals_source": "solver", "mean_steps": float(steps.mean()),
             "max_steps": int(steps.max()), "min_steps": int(steps.min())}
 
 
@@ -244,7 +245,7 @@ def peer_log_likelihood(peer, score_xt: Callable, x: Tensor, prior, path: VP, *,
     log_p_sde = -(bpd.double() - offset) * d * math.log(2)
     delta = log_p_sde - sde.prior_logp(z).double()
     return {"log_prob": prior.log_prob(z.reshape(b, d)).double() + delta, "nfe": int(nfe),
-            "evals_per_sample": float(nfe), "mean_steps": None}
+            "evals_per_sample": float(nfe), "evals_source": "shared steps", "mean_steps": None}
 
 
 # ------------------------------------------------------------------------------ timing
@@ -263,6 +264,31 @@ VARIANTS = [
 ]
 
 
+def likelihood_counts(out, batch: int, *, shared_steps: bool) -> dict:
+    """What a :class:`flowkit.likelihood.Likelihood` says the solve did: sample evaluations per
+    sample and, for a per-sample solve, each sample's steps (accepted + rejected).
+
+    ``score_log_likelihood`` runs the per-sample solver at its defaults, where the batched
+    calls (``nfe``) say nothing about the evaluations per sample; the result carries the
+    solver's counts only from the change to :mod:`flowkit.likelihood` that adds
+    ``sample_evals`` and ``steps`` to it. Until then they are recorded as unknown (None), never
+    replaced by ``nfe`` — except where the settings force shared steps (``shared_steps``: the
+    batch-RMS norm, a fixed-step method), whose every call evaluates every sample.
+    """
+    sample_evals = getattr(out, "sample_evals", None)  # fields of the proposed Likelihood
+    steps = getattr(out, "steps", None)
+    if sample_evals is None and shared_steps:
+        sample_evals, source = out.nfe * batch, "shared steps"
+    else:
+        source = None if sample_evals is None else "solver"
+    counts: dict = {"evals_per_sample": None if sample_evals is None else sample_evals / batch,
+                    "evals_source": source, "mean_steps": None}
+    if steps is not None:
+        steps = steps.double()
+        counts.update(mean_steps=float(steps.mean()), min_steps=int(steps.min()), max_steps=int(steps.max()))
+    return counts
+
+
 def variant_fn(name: str, estimator: str, problem, args, peer) -> Callable[[], dict]:
     path, x, score_xt, prior, _, _ = problem
     probes = flowkit.sample_probe(x, "rademacher", 1, generator=torch.Generator(device=args.device).manual_seed(1)) \
@@ -278,13 +304,15 @@ def variant_fn(name: str, estimator: str, problem, args, peer) -> Callable[[], d
             out = flowkit.score_log_likelihood(score_xt, x, path, estimator=estimator, n_probes=1, prior=prior,
                                                generator=torch.Generator(device=args.device).manual_seed(1),
                                                **settings)
-            return {"log_prob": out.log_prob, "nfe": out.nfe, "evals_per_sample": float(out.nfe), "mean_steps": None}
+            return {"log_prob": out.log_prob, "nfe": out.nfe,
+                    **likelihood_counts(out, x.shape[0], shared_steps=name != "flowkit default")}
         return run
     if name == "plain":
         def run() -> dict:
             lp, nfe = plain_log_likelihood(score_xt, x, prior, path, estimator=estimator, probes=probes,
                                            rtol=args.rtol, atol=args.atol)
-            return {"log_prob": lp, "nfe": nfe, "evals_per_sample": float(nfe), "mean_steps": None}
+            return {"log_prob": lp, "nfe": nfe, "evals_per_sample": float(nfe), "evals_source": "shared steps",
+                    "mean_steps": None}
         return run
     if name == "score_sde_pytorch":
         return lambda: peer_log_likelihood(peer, score_xt, x, prior, path, rtol=args.rtol, atol=args.atol)
@@ -314,7 +342,8 @@ def run_block(dim: int, n: int, args, peer) -> list[dict]:
         err = (out["log_prob"].double() - ref.double())
         sec = statistics.median(times[(name, est)])
         row = {"impl": name, "estimator": est, "dim": dim, "n": n, "seconds": sec, "seconds_all": times[(name, est)],
-               "nfe": out["nfe"], "evals_per_sample": out["evals_per_sample"], "mean_steps": out.get("mean_steps"),
+               "nfe": out["nfe"], "evals_per_sample": out["evals_per_sample"], "evals_source": out.get("evals_source"),
+               "mean_steps": out.get("mean_steps"),
                "steps_min_max": (out.get("min_steps"), out.get("max_steps")) if out.get("mean_steps") else None,
                "max_abs_err": float(err.abs().max()), "mean_abs_err": float(err.abs().mean()),
                "mean_err": float(err.mean()), "nll": float(-out["log_prob"].double().mean()),
@@ -322,8 +351,9 @@ def run_block(dim: int, n: int, args, peer) -> list[dict]:
         rows.append(row)
         if name != "checks":
             steps = f"{row['mean_steps']:6.1f}" if row["mean_steps"] else "     —"
+            evals = "     ?" if row["evals_per_sample"] is None else f"{row['evals_per_sample']:6.1f}"
             print(f"D={dim} N={n:5d} {name:25s} {est:10s} {sec:7.3f} s  calls {row['nfe']:4d}  evals/sample "
-                  f"{row['evals_per_sample']:6.1f}  steps/sample {steps}  max|err| {row['max_abs_err']:.2e}  "
+                  f"{evals}  steps/sample {steps}  max|err| {row['max_abs_err']:.2e}  "
                   f"mean err {row['mean_err']:+.2e}", flush=True)
     return rows
 
@@ -381,6 +411,16 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def evals_per_sample(row: dict) -> Optional[float]:
+    """A row's sample evaluations per sample, or None where the run did not record them.
+
+    Rows written before ``evals_source`` was recorded stored ``nfe`` there for ``flowkit default``,
+    which runs the per-sample solver: that is its batched calls, not a per-sample count."""
+    if "evals_source" not in row and row["impl"] == "flowkit default":
+        return None
+    return row["evals_per_sample"]
+
+
 def markdown(info: dict, rows: list[dict], speed: list[dict], micro: list[dict], checks: dict) -> str:
     def load(v):
         return ", ".join(f"{x:.1f}" for x in v) if v else "?"
@@ -392,18 +432,28 @@ def markdown(info: dict, rows: list[dict], speed: list[dict], micro: list[dict],
              f"round-robin, median of {info['repeats']} rounds. Load average (1, 5, 15 min) at the start "
              f"{load(info['load_average_start'])}, at the end {load(info.get('load_average_end'))}.",
              f"score_sde_pytorch: {info.get('peer', 'not run')}.", "",
-             "Columns: batched field calls (NFE); sample evaluations per sample (= NFE with shared steps); "
-             "per-sample steps (accepted + rejected, per-sample solver: mean [min–max]); error of log p per "
-             "point against the closed form (nats).", "",
-             "| D | N | impl | trace | s | NFE (calls) | evals / sample | steps / sample | max abs err | mean abs err "
-             "| mean err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Columns: seconds (median of the rounds; with two rounds their mean) and each round's own; batched "
+             "field calls (NFE); sample evaluations per sample, as the solver counted them (= NFE with shared "
+             "steps; \"?\": not recorded); per-sample steps (accepted + rejected, per-sample solver: mean "
+             "[min–max]); error of log p per point against the closed form (nats).", "",
+             "| D | N | impl | trace | s | s per round | NFE (calls) | evals / sample | steps / sample | max abs err "
+             "| mean abs err | mean err |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    unrecorded = False
     for r in rows:
         if r["impl"] == "checks":
             continue
+        evals = evals_per_sample(r)
+        unrecorded = unrecorded or evals is None
         steps = f"{r['mean_steps']:.1f} [{r['steps_min_max'][0]}–{r['steps_min_max'][1]}]" if r["mean_steps"] else "—"
-        lines.append(f"| {r['dim']} | {r['n']} | {r['impl']} | {r['estimator']} | {r['seconds']:.3f} | {r['nfe']} "
-                     f"| {r['evals_per_sample']:.1f} | {steps} | {r['max_abs_err']:.2e} | {r['mean_abs_err']:.2e} "
-                     f"| {r['mean_err']:+.2e} |")
+        rounds = ", ".join(f"{v:.2f}" for v in r.get("seconds_all", []))
+        lines.append(f"| {r['dim']} | {r['n']} | {r['impl']} | {r['estimator']} | {r['seconds']:.3f} | {rounds} "
+                     f"| {r['nfe']} | {'?' if evals is None else f'{evals:.1f}'} | {steps} | {r['max_abs_err']:.2e} "
+                     f"| {r['mean_abs_err']:.2e} | {r['mean_err']:+.2e} |")
+    if unrecorded:
+        lines += ["", "\"?\": `flowkit default` is `score_log_likelihood` as shipped, which runs the per-sample "
+                  "solver (one time per sample, finished samples retired), so its batched calls are not its "
+                  "evaluations per sample; the result object it returns (`flowkit.likelihood.Likelihood`) did not "
+                  "carry the solver's per-sample counts in this run, so they were not recorded."]
     lines += ["", "Speed-up of flowkit (peer seconds / flowkit seconds; > 1 is faster). \"+ checks\": the "
               "per-sample driver's time plus the one-off field checks of `flowkit.log_likelihood` "
               "(`score_log_likelihood` with one Euler step: " + ", ".join(
@@ -442,7 +492,11 @@ def main(argv=None) -> int:
     p.add_argument("--peer-git", default=str(PEER_GIT), help="git directory of a score_sde_pytorch mirror")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--render-only", action="store_true",
+                   help="re-render the .md from the stored .json (same --out/--tag) without running anything")
     args = p.parse_args(argv)
+    if args.render_only:
+        return render_only(args)
     torch.set_num_threads(args.threads)
     info = machine(args)
     try:
@@ -470,21 +524,47 @@ def main(argv=None) -> int:
     return 0
 
 
+def render(result: dict) -> str:
+    """The markdown report of a result (what :func:`write` stores as JSON)."""
+    rows = result["rows"]
+    checks = {(r["dim"], r["n"], r["estimator"]): r["seconds"] for r in rows if r["impl"] == "checks"}
+    md = markdown(result["machine"], rows, ratios(rows), result["score_micro"], checks)
+    if result["machine"].get("partial"):
+        md += "\n**Partial run**: the blocks above only (the run was stopped before the end).\n"
+    return md
+
+
+def result_paths(args) -> tuple[Path, Path]:
+    """``bench/results/diffusion_likelihood[_TAG].json`` and ``.md`` (under ``--out``)."""
+    stem = Path(args.out) / ("diffusion_likelihood" + (f"_{args.tag}" if args.tag else ""))
+    return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
 def write(args, info: dict, rows: list[dict], micro: list[dict], *, partial: bool) -> str:
     """Write ``bench/results/diffusion_likelihood[_TAG].{json,md}`` (``partial``: blocks so far)."""
     info = {**info, "load_average_end": os.getloadavg(), "partial": partial}
-    speed = ratios(rows)
-    checks = {(r["dim"], r["n"], r["estimator"]): r["seconds"] for r in rows if r["impl"] == "checks"}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "diffusion_likelihood" + (f"_{args.tag}" if args.tag else "")
-    result = {"machine": info, "issue_table": ISSUE, "rows": rows, "speed": speed, "score_micro": micro}
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    md = markdown(info, rows, speed, micro, checks)
-    if partial:
-        md += "\n**Partial run**: the blocks above only (the run was stopped before the end).\n"
-    (out / f"{stem}.md").write_text(md)
+    result = {"machine": info, "issue_table": ISSUE, "rows": rows, "speed": ratios(rows), "score_micro": micro}
+    json_path, md_path = result_paths(args)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    md = render(result)
+    md_path.write_text(md)
     return md
+
+
+def render_only(args) -> int:
+    """Re-render the markdown from the stored JSON (no timing run); exit 2 if there is none."""
+    json_path, md_path = result_paths(args)
+    if not json_path.is_file():
+        print(f"--render-only: no results at {json_path}; run the bench first (or pass --out / --tag)",
+              file=sys.stderr)
+        return 2
+    result = json.loads(json_path.read_text())
+    md = render(result) + ("\nRe-rendered from the stored JSON by `--render-only` (no timing rerun): the figures "
+                           "are those of the run, made with the code of its time.\n")
+    md_path.write_text(md)
+    print(md)
+    return 0
 
 
 if __name__ == "__main__":
