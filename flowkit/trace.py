@@ -234,15 +234,18 @@ def _exact_loop(fn, t, x, create_graph, frobenius) -> Divergence:
 
 
 def _forward_mode(jvp, t, x, probe, frobenius) -> Divergence:
-    """Hutchinson by forward mode: ``εᵀ(Jε)`` and ``‖Jε‖²`` from ``jvp(t, x, ε) -> (f, Jε)``."""
+    """Hutchinson by forward mode: ``εᵀ(Jε)`` and ``‖Jε‖²`` from ``jvp(t, x, ε) -> (f, Jε)``.
+
+    Several probes go through one pass: ``jvp`` is mapped over them by ``torch.func.vmap``,
+    which evaluates ``f`` once and only the tangent computations per probe."""
     probes = probe if probe.dim() == x.dim() + 1 else probe.unsqueeze(0)
-    divs, frobs, dx = [], [], None
-    for eps in probes:
-        dx, jv = _fast(jvp(t, x, eps), "jvp")
-        divs.append((jv * eps).flatten(1).sum(-1))
-        if frobenius:
-            frobs.append(jv.flatten(1).pow(2).sum(-1))
-    return Divergence(dx, torch.stack(divs).mean(0), torch.stack(frobs).mean(0) if frobenius else None)
+    if probes.shape[0] == 1:
+        dx, jv = _fast(jvp(t, x, probes[0]), "jvp")
+        jv = jv.unsqueeze(0)
+    else:
+        dx, jv = torch.func.vmap(lambda eps: _fast(jvp(t, x, eps), "jvp"), out_dims=(None, 0))(probes)
+    div = (jv * probes).flatten(2).sum(-1).mean(0)
+    return Divergence(dx, div, jv.flatten(2).pow(2).sum(-1).mean(0) if frobenius else None)
 
 
 def _hutchinson(fn, t, x, probe, create_graph, frobenius) -> Divergence:
@@ -272,12 +275,13 @@ def _bottleneck(split, t, x, probe, create_graph) -> Divergence:
     _require_graph(h)
     out = g(h)
     probes = probe if probe.dim() == h.dim() + 1 else probe.unsqueeze(0)
-    terms = []
-    for eps in probes:
-        u = torch.autograd.grad(h, x, eps, create_graph=True)[0]
-        v = torch.autograd.grad(out, h, u, create_graph=create_graph, retain_graph=True)[0]
-        terms.append((v * eps).flatten(1).sum(-1))
-    return Divergence(out, torch.stack(terms).mean(0), None)
+    if probes.shape[0] == 1:  # one probe: plain reverse passes
+        u = torch.autograd.grad(h, x, probes[0], create_graph=True)[0]
+        v = torch.autograd.grad(out, h, u, create_graph=create_graph, retain_graph=True)[0].unsqueeze(0)
+    else:  # all probes in one batched pass each (vmap over the backward)
+        u = torch.autograd.grad(h, x, probes, create_graph=True, is_grads_batched=True)[0]
+        v = torch.autograd.grad(out, h, u, create_graph=create_graph, retain_graph=True, is_grads_batched=True)[0]
+    return Divergence(out, (v * probes).flatten(2).sum(-1).mean(0), None)
 
 
 def _require_graph(out: Tensor) -> None:

@@ -19,6 +19,7 @@ from flowkit.flow import StandardNormal
 from flowkit.gmm import GaussianMixture, mixture_score_field
 from flowkit.likelihood import flow_log_likelihood
 from flowkit.paths import GaussianPath
+from conftest import exact_mixture
 
 F64 = torch.float64
 
@@ -35,11 +36,7 @@ def single_thread():
 
 def make_mixture(dim: int, seed: int = 0) -> GaussianMixture:
     """Three well-separated components with full (correlated) covariances."""
-    g = torch.Generator().manual_seed(seed)
-    means = 2.5 * torch.randn(3, dim, generator=g, dtype=F64)
-    a = torch.randn(3, dim, dim, generator=g, dtype=F64) / dim**0.5
-    covs = 0.6 * a @ a.mT + 0.15 * torch.eye(dim, dtype=F64)
-    return GaussianMixture(means, covs, torch.tensor([0.25, 0.45, 0.3], dtype=F64))
+    return exact_mixture(dim, (0.25, 0.45, 0.3), seed=seed, spread=2.5, cov_scale=0.6, cov_floor=0.15)
 
 
 def xt_score(gmm: GaussianMixture, path: GaussianPath):
