@@ -20,6 +20,18 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
+def single_thread():
+    """One intra-op thread for the test, restored after it (a test that trains may set more):
+    on these tiny tensors the threads only add synchronisation, which stalls badly (10x) when
+    other processes share the cores. Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def float64():
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

@@ -27,12 +27,7 @@ F64 = torch.float64
 SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
 
 
 def make_mixture(dim: int, seed: int = 0) -> GaussianMixture:

@@ -25,12 +25,7 @@ QUANT = Quantisation.partition(8, -2.0, 2.0)  # 8 bins of width 0.5
 K = torch.tensor([[3, 4], [0, 6], [5, 5], [2, 7]])  # 4 points, D = 2 (bins 0 and 7 are the open tails' neighbours)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
 
 
 def edm_flow(sigma_min: float):

@@ -27,12 +27,7 @@ QUANT = Quantisation.partition(256, -1.0, 1.0)
 K = torch.tensor([[0, 127, 255], [64, 128, 200], [10, 250, 128]])  # 3 points, D = 3
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
 
 
 def vp_gaussian():

@@ -3,7 +3,6 @@ training, the progressive schedule, and sampling with the λ family of eq. 16.""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -21,12 +20,7 @@ from flowkit.samplers.sde import euler_maruyama
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
 
 
 def make(hidden=(16, 16), **kwargs) -> DiffFlow:

@@ -24,14 +24,7 @@ from conftest import exact_mixture
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which stalls badly
-    (10x) when other processes share the cores. Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
 
 
 def make_mixture(dim: int, seed: int = 0) -> GaussianMixture:

@@ -22,14 +22,7 @@ F64 = torch.float64
 N = 3000
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which stalls badly
-    (10x) when other processes share the cores. Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
 
 
 @pytest.fixture(scope="module")
