@@ -102,7 +102,7 @@ def test_dpmpp_2m_is_ddim_plus_the_published_correction():
     h, r = l2 - l1, (l1 - l0) / (l2 - l1)
     d = (1 + 1 / (2 * r)) * m1 - 1 / (2 * r) * m0
     x_2 = s2 / s1 * x_1 - a2 * math.expm1(-h) * d
-    res = flowkit.SAMPLERS.get("dpmpp_2m")(flow, x1, steps=2, final="t0")
+    res = flowkit.SAMPLERS.get("dpmpp_2m")(flow, x1, steps=2, schedule="logsnr", final="t0")
     assert torch.allclose(res.x, x_2, rtol=1e-12, atol=1e-12) and res.nfe == 2
 
 
@@ -131,7 +131,7 @@ def test_dpmpp_3m_is_the_published_formula():
     phi2 = phi1 / h + 1
     phi3 = phi2 / h - 0.5
     x = s[3] / s[2] * x - a[3] * phi1 * m2 + a[3] * phi2 * d1 - a[3] * phi3 * d2
-    res = flowkit.SAMPLERS.get("dpmpp_3m")(flow, x1, steps=3, final="t0")
+    res = flowkit.SAMPLERS.get("dpmpp_3m")(flow, x1, steps=3, schedule="logsnr", final="t0")
     assert torch.allclose(res.x, x, rtol=1e-12, atol=1e-12) and res.nfe == 3
 
 
@@ -143,7 +143,8 @@ def test_dpmpp_3m_exact_quadratic_converges_faster_than_published(path_name):
     sampler = flowkit.SAMPLERS.get("dpmpp_3m")
     orders = {}
     for variant in ("published", "exact"):
-        errors = [float((sampler(flow, x1, steps=n, final="t0", third_order=variant).x - exact).abs().max())
+        errors = [float((sampler(flow, x1, steps=n, schedule="logsnr", final="t0", third_order=variant).x - exact)
+                        .abs().max())
                   for n in (64, 128)]
         orders[variant] = math.log2(errors[0] / errors[1])
     assert orders["exact"] > 2.5 and 1.7 < orders["published"] < 2.3, orders
@@ -159,7 +160,8 @@ def test_ddim_on_the_straight_path_with_uniform_steps_is_euler():
 def test_auto_schedule_is_uniform_where_log_snr_is_unbounded():
     from flowkit.samplers.schedules import resolve_schedule
 
-    assert resolve_schedule(VP(), "auto", "logsnr") == "logsnr" and resolve_schedule(VE(), "auto", "karras") == "karras"
+    assert resolve_schedule(VE(), "auto", "logsnr") == "logsnr" and resolve_schedule(VE(), "auto", "karras") == "karras"
+    assert resolve_schedule(VP(), "auto", "logsnr") == "power"  # σ = 0 at t = 0 (tests/test_vp_few_step.py)
     assert resolve_schedule(CondOT(), "auto", "logsnr") == "uniform"
     assert resolve_schedule(CondOT(sigma_min=0.01), "auto", "karras") == "uniform"  # α_t1 = 0 still
     assert resolve_schedule(VP(), "karras", "logsnr") == "karras"  # a named one is kept
@@ -252,8 +254,8 @@ def test_final_step_conventions():
     assert sampling_grid(ot, 4, final="t0") == sampling_grid(ot, 4, final="denoise")
     # "denoise" returns Tweedie's x̂₀ at t0
     flow, x1, _ = reference("vp")
-    res = flowkit.SAMPLERS.get("ddim")(flow, x1, steps=3, final="denoise")
-    before = flowkit.SAMPLERS.get("ddim")(flow, x1, steps=2, final="t0").x
+    res = flowkit.SAMPLERS.get("ddim")(flow, x1, steps=3, schedule="logsnr", final="denoise")
+    before = flowkit.SAMPLERS.get("ddim")(flow, x1, steps=2, schedule="logsnr", final="t0").x
     c = vp.schedule(torch.tensor(vp.t0, dtype=F64))
     tweedie = (c.d_sigma * before - c.sigma * flow.velocity(torch.tensor(vp.t0, dtype=F64), before)) / c.det
     assert torch.allclose(res.x, tweedie, rtol=1e-10, atol=1e-10)
