@@ -138,7 +138,7 @@ SAMPLE_SUFFIXES = {".png": "also writes .npy", ".npy": ""}
 POINTS_SUFFIXES = {".npz": "numpy", ".pt": "torch"}
 
 
-def _check_output_file(flag: str, path: str | Path, suffixes: dict[str, str]) -> Path:
+def _check_output_file(flag: str, path: str | Path, suffixes: dict[str, str], run: Optional[str] = None) -> Path:
     """An output file argument (``sample --out``, ``nll --save-points``), checked before any work.
 
     Its suffix is one of ``suffixes``; it is not an existing directory or other non-file; its
@@ -148,11 +148,16 @@ def _check_output_file(flag: str, path: str | Path, suffixes: dict[str, str]) ->
     Returns:
         ``path`` as a :class:`~pathlib.Path` (messages name it as given).
     """
-    out = Path(path)
+    out = Path(path).expanduser()  # `--out=~/x` reaches us unexpanded (bash expands ~ only at a word's start)
     endings = " or ".join(f"{s} ({what})" if what else s for s, what in suffixes.items())
     if out.suffix not in suffixes:
         raise ArgumentError(f"{flag} {path}: must end in {endings}, got {out.suffix or 'no suffix'}")
     plain = " or ".join(suffixes)
+    if run is not None:  # a run's checkpoints are never overwritten
+        guarded = (Path(run) / "checkpoints").resolve()
+        if guarded == out.resolve() or guarded in out.resolve().parents:
+            raise ArgumentError(f"{flag} {path}: inside the run's checkpoints directory {Path(run) / 'checkpoints'}, "
+                                "which flowkit never overwrites; give a path outside it")
     if out.is_dir():
         raise ArgumentError(f"{flag} {path} is a directory; give a file name ending in {plain}")
     if out.exists() and not out.is_file():
@@ -218,7 +223,7 @@ def _sample_nfe(args, out: Path) -> int:
         raise ArgumentError(f"--out {out}: with --nfe give the plot's file name, ending in .png "
                             "(the table goes next to it as .md, .csv and .json)")
     _check_device(args.device)
-    _check_output_file("--out", out, {".png": "the plot"})
+    out = _check_output_file("--out", out, {".png": "the plot"}, run=args.run)
     prefix = out.with_suffix("")
     _, paths = sweep_runs({Path(args.run).name: args.run}, samplers, nfes, prefix, n=args.n,
                           seeds=tuple(range(args.seed, args.seed + args.seeds)), device=args.device,
@@ -240,7 +245,10 @@ def _cmd_sample(args) -> int:
         raise ArgumentError(f"--guidance must be a finite number, got {args.guidance}")
     cond = _parse_cond(args.cond)
     _check_device(args.device)
-    _check_output_file("--out", out, SAMPLE_SUFFIXES)  # last: it creates the output's directory
+    if out.suffix == ".png" and out.with_suffix(".npy").expanduser().is_dir():
+        raise ArgumentError(f"--out {out}: the samples also go to {out.with_suffix('.npy')}, which is a directory; "
+                            "give another file name")
+    out = _check_output_file("--out", out, SAMPLE_SUFFIXES, run=args.run)  # last: it creates the output's directory
     import numpy as np
     import flowkit
     from flowkit.plotting import plot_samples
@@ -364,7 +372,7 @@ def _cmd_nll(args) -> int:
     _check_run(args.run)
     _check_device(args.device)
     points_path = None if args.save_points is None else _check_output_file("--save-points", args.save_points,
-                                                                          POINTS_SUFFIXES)
+                                                                          POINTS_SUFFIXES, run=args.run)
     import flowkit
     from dataclasses import replace
 

@@ -120,8 +120,20 @@ class StepPlan:
         return None
 
     def fits(self, times: Sequence[float]) -> bool:
-        """Whether it was made over these requested times and holds a step."""
-        return bool(self.steps) and self.times == tuple(times)
+        """Whether it was made over these requested times, holds a step, and can be followed: each
+        step inside the times and forward, each proposal a size that advances from the step's end
+        (``> 0``, not NaN; ``inf`` caps nothing). A plan read from a damaged checkpoint that fails
+        this is not used (the solve starts cold) instead of stepping backwards or stalling."""
+        if not self.steps or self.times != tuple(times):
+            return False
+        direction = 1.0 if self.times[-1] >= self.times[0] else -1.0
+        lo, hi = min(self.times), max(self.times)
+        for start, end, proposal in self.steps:
+            if not (lo <= start <= hi and lo <= end <= hi and (end - start) * direction > 0):
+                return False
+            if not proposal > 0 or end + direction * proposal == end:
+                return False
+        return True
 
     def to_tensor(self) -> Tensor:
         """``[1 + k, max(3, len(times))]`` float64: the times, then the steps (for a checkpoint)."""
@@ -134,7 +146,13 @@ class StepPlan:
 
     @classmethod
     def from_tensor(cls, data: Tensor) -> "StepPlan":
-        """The inverse of :meth:`to_tensor`."""
+        """The inverse of :meth:`to_tensor`.
+
+        Raises:
+            ValueError: ``data`` is not a ``[1 + k, >= 3]`` table.
+        """
+        if data.dim() != 2 or data.shape[0] < 1 or data.shape[1] < 3:
+            raise ValueError(f"a step plan is a [1 + k, >= 3] table, got shape {tuple(data.shape)}")
         rows = data.double().tolist()
         times = tuple(v for v in rows[0] if not math.isnan(v))
         return cls(times, tuple((a, b, c) for a, b, c, *_ in rows[1:]))

@@ -128,7 +128,8 @@ def _concat(tables: list[Table], source: str) -> Table:
     if len(tables) == 1:
         return first
     frame = pd.concat([t.frame for t in tables], ignore_index=True)
-    return Table(frame, source, [part for t in tables for part in t.parts], first.image_columns)
+    return Table(frame, source, [part for t in tables for part in t.parts], first.image_columns,
+                 first.class_names)
 
 
 def _split_files(root: Path, files: list[Path], split: str,

@@ -213,9 +213,14 @@ class FFJORD(Objective):
         return {f"step_plan.{i}": plan.to_tensor() for i, plan in enumerate(self.step_plans) if plan is not None}
 
     def load_solver_state(self, state: Mapping[str, Tensor]) -> None:
+        """Restore the plans; one that cannot be read (a damaged checkpoint) is dropped and its
+        block's next solve starts cold: a plan only proposes step sizes."""
         plans: list[Optional[StepPlan]] = [None] * len(self.blocks)
-        for key, data in state.items():
-            index = int(key.rsplit(".", 1)[1]) if key.startswith("step_plan.") else -1
-            if 0 <= index < len(plans):
-                plans[index] = StepPlan.from_tensor(data)
+        for key, data in (state.items() if isinstance(state, Mapping) else ()):
+            index = key.rsplit(".", 1)[1] if isinstance(key, str) and key.startswith("step_plan.") else ""
+            if index.isdigit() and int(index) < len(plans) and torch.is_tensor(data):
+                try:
+                    plans[int(index)] = StepPlan.from_tensor(data)
+                except ValueError:
+                    pass
         self.step_plans = plans
