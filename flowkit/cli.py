@@ -68,7 +68,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def _cmd_train(args) -> int:
     import flowkit
 
-    out = Path(args.out)
+    out = Path(args.out).expanduser()  # `--out=~/x` reaches us unexpanded (bash expands ~ only at a word's start)
     # On --resume the file is compared with the run's saved recipe: settings that may change
     # take effect, the others are refused with the differing keys.
     if args.resume and not Path(args.recipe).is_file() and (out / "recipe.yaml").is_file():
@@ -138,12 +138,19 @@ SAMPLE_SUFFIXES = {".png": "also writes .npy", ".npy": ""}
 POINTS_SUFFIXES = {".npz": "numpy", ".pt": "torch"}
 
 
-def _check_output_file(flag: str, path: str | Path, suffixes: dict[str, str], run: Optional[str] = None) -> Path:
+def _checkpoints(run: str) -> tuple[Path, str]:
+    """A run's checkpoints directory, which no output file may land in."""
+    return Path(run) / "checkpoints", "the run's checkpoints"
+
+
+def _check_output_file(flag: str, path: str | Path, suffixes: dict[str, str],
+                       protected: Optional[tuple[Path, str]] = None) -> Path:
     """An output file argument (``sample --out``, ``nll --save-points``), checked before any work.
 
-    Its suffix is one of ``suffixes``; it is not an existing directory or other non-file; its
-    directory exists (or is created here) and takes a new file. Each failure is an
-    :class:`ArgumentError` naming ``flag``.
+    Its suffix is one of ``suffixes``; it is not an existing directory or other non-file; it does
+    not lie inside ``protected`` (a directory flowkit never writes into, and what it holds: a
+    run's checkpoints, a model you bring); its directory exists (or is created here) and takes a
+    new file. Each failure is an :class:`ArgumentError` naming ``flag``.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path` (messages name it as given).
@@ -153,11 +160,12 @@ def _check_output_file(flag: str, path: str | Path, suffixes: dict[str, str], ru
     if out.suffix not in suffixes:
         raise ArgumentError(f"{flag} {path}: must end in {endings}, got {out.suffix or 'no suffix'}")
     plain = " or ".join(suffixes)
-    if run is not None:  # a run's checkpoints are never overwritten
-        guarded = (Path(run) / "checkpoints").resolve()
+    if protected is not None:
+        folder, what = protected
+        guarded = folder.expanduser().resolve()
         if guarded == out.resolve() or guarded in out.resolve().parents:
-            raise ArgumentError(f"{flag} {path}: inside the run's checkpoints directory {Path(run) / 'checkpoints'}, "
-                                "which flowkit never overwrites; give a path outside it")
+            raise ArgumentError(f"{flag} {path}: inside {folder}, {what}, which flowkit never writes into; "
+                                "give a path outside it")
     if out.is_dir():
         raise ArgumentError(f"{flag} {path} is a directory; give a file name ending in {plain}")
     if out.exists() and not out.is_file():
@@ -223,7 +231,7 @@ def _sample_nfe(args, out: Path) -> int:
         raise ArgumentError(f"--out {out}: with --nfe give the plot's file name, ending in .png "
                             "(the table goes next to it as .md, .csv and .json)")
     _check_device(args.device)
-    out = _check_output_file("--out", out, {".png": "the plot"}, run=args.run)
+    out = _check_output_file("--out", out, {".png": "the plot"}, protected=_checkpoints(args.run))
     prefix = out.with_suffix("")
     _, paths = sweep_runs({Path(args.run).name: args.run}, samplers, nfes, prefix, n=args.n,
                           seeds=tuple(range(args.seed, args.seed + args.seeds)), device=args.device,
@@ -248,7 +256,8 @@ def _cmd_sample(args) -> int:
     if out.suffix == ".png" and out.with_suffix(".npy").expanduser().is_dir():
         raise ArgumentError(f"--out {out}: the samples also go to {out.with_suffix('.npy')}, which is a directory; "
                             "give another file name")
-    out = _check_output_file("--out", out, SAMPLE_SUFFIXES, run=args.run)  # last: it creates the output's directory
+    # last: it creates the output's directory
+    out = _check_output_file("--out", out, SAMPLE_SUFFIXES, protected=_checkpoints(args.run))
     import numpy as np
     import flowkit
     from flowkit.plotting import plot_samples
@@ -372,7 +381,8 @@ def _cmd_nll(args) -> int:
     _check_run(args.run)
     _check_device(args.device)
     points_path = None if args.save_points is None else _check_output_file("--save-points", args.save_points,
-                                                                          POINTS_SUFFIXES, run=args.run)
+                                                                          POINTS_SUFFIXES,
+                                                                          protected=_checkpoints(args.run))
     import flowkit
     from dataclasses import replace
 
@@ -466,8 +476,8 @@ def _nll_adapter(args) -> int:
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ArgumentError(f"{flag} must be a finite number > 0, got {value}")
     _check_device(args.device)
-    points_path = None if args.save_points is None else _check_output_file("--save-points", args.save_points,
-                                                                          POINTS_SUFFIXES)
+    points_path = None if args.save_points is None else _check_output_file(
+        "--save-points", args.save_points, POINTS_SUFFIXES, protected=(Path(args.model), "the model's directory"))
     import torch
     import flowkit
     from flowkit.adapters import load_model

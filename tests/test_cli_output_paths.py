@@ -129,3 +129,23 @@ def test_a_full_disk_while_saving_points_names_save_points_and_leaves_nothing(ru
     line = _one_line(capsys.readouterr().err)
     assert line.startswith(f"flowkit nll: --save-points {points}: could not write it") and "No space left" in line
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
+
+
+@pytest.mark.parametrize("inside", ["model.pt", "sub/points.pt"])
+def test_save_points_never_writes_into_the_model_directory_you_bring(places, capsys, no_work, inside):
+    (places / "model" / "model.pt").write_bytes(b"weights")
+    argv = _argv("nll --model", places, str(places / "model" / inside))
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--save-points" in line and "the model's directory" in line
+    assert (places / "model" / "model.pt").read_bytes() == b"weights"
+    assert not (places / "model" / "sub").exists()
+
+
+def test_train_out_with_an_unexpanded_tilde_goes_to_the_home_directory(tmp_path, monkeypatch):
+    # `--out=~/x` reaches flowkit unexpanded (the shell expands ~ only at the start of a word)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", CFM, "train.steps=1", *TINY, "--out=~/run"]) == 0
+    assert (tmp_path / "home" / "run" / "checkpoints").is_dir()
+    assert not (tmp_path / "~").exists()
