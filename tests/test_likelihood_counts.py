@@ -43,3 +43,27 @@ def test_step_plan_survives_a_checkpoint_round_trip_with_a_landing_step():
     plan = dopri5(lambda t, x: -x, torch.ones(1, 1), [0.0, 0.5, 1.0]).plan
     assert any(math.isinf(p) for _, _, p in plan.steps)  # the steps cut short to land carry no cap
     assert StepPlan.from_tensor(plan.to_tensor()) == plan
+
+
+def test_per_sample_steps_use_the_networks_declared_jacobian():
+    # a per-sample solve hands the rows' own times to the fast path, as the shared-step solve does
+    from flowkit.dynamics.mlp import ConcatSquashMLP
+
+    torch.manual_seed(0)
+    net = ConcatSquashMLP(2, (16, 16)).double()
+    calls = []
+    original = net.forward_with_jacobian
+
+    def counted(t, x, cond=None):
+        calls.append(t.shape)
+        return original(t, x, cond)
+
+    net.forward_with_jacobian = counted
+    x = torch.randn(6, 2, dtype=torch.float64)
+    prior = StandardNormal((2,))
+    per_sample = flowkit.log_likelihood(net, x, prior, time_per_sample=True, rtol=1e-9, atol=1e-9)
+    assert len(calls) > 10 and sum(len(shape) == 1 for shape in calls) > 10  # the solve itself, one time per row
+    net.forward_with_jacobian = original
+    shared = flowkit.log_likelihood(net, x, prior, rtol=1e-9, atol=1e-9)
+    assert per_sample.steps is not None
+    assert torch.allclose(per_sample.log_prob, shared.log_prob, atol=1e-6)
