@@ -230,9 +230,30 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "recipe": self.built.recipe,
-            # the main process's (FFJORD's warm-started step plans); absent from older checkpoints
-            "solver": acc.unwrap_model(self.model).solver_state(),
+            # FFJORD's warm-started step plans: the main process's, and with several processes every
+            # process's in process order (absent from older checkpoints: a cold start)
+            **self._solver_states(),
         }
+
+    def _solver_states(self) -> dict[str, Any]:
+        """``solver``: the main process's :meth:`~flowkit.objectives.base.Objective.solver_state`;
+        with several processes also ``solver_by_process``, each process's in process order (a
+        collective: :meth:`save` runs on every process), so that each resumes with its own."""
+        own = self.accelerator.unwrap_model(self.model).solver_state()
+        if self.accelerator.num_processes == 1:
+            return {"solver": own}
+        from accelerate.utils import gather_object
+
+        every = list(gather_object([own]))
+        return {"solver": every[0], "solver_by_process": every}
+
+    def _own_solver_state(self, state: dict[str, Any]) -> Any:
+        """This process's solver state in a checkpoint: its own entry when the run resumes with as
+        many processes as wrote it, else the main process's (none in an older checkpoint)."""
+        every = state.get("solver_by_process")
+        if isinstance(every, list) and len(every) == self.accelerator.num_processes:
+            return every[self.accelerator.process_index]
+        return state.get("solver", {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a checkpoint's state, then apply this run's settings (learning rate, weight
@@ -245,7 +266,7 @@ class Trainer:
             self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            self.accelerator.unwrap_model(self.model).load_solver_state(state.get("solver", {}))
+            self.accelerator.unwrap_model(self.model).load_solver_state(self._own_solver_state(state))
             if self.ema is not None and state.get("ema_state") is not None:
                 self.ema.load_state_dict(state["ema_state"])
             torch.set_rng_state(state["rng"]["torch"])
