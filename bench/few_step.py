@@ -405,7 +405,7 @@ def write_trained(results: dict) -> None:
                                                    if v.get("train_seconds") is not None)
             + f"; sweep {results['sweep_wall_seconds']:.0f} s. "
             "Samplers at their defaults (semi-linear solvers: `schedule=auto`, uniform knots on the straight "
-            "cond_ot path, log-SNR on VP; EDM Heun: Karras on VP; `final=denoise`), NFE counted exactly "
+            "cond_ot path, power knots on VP; EDM Heun: trailing knots on VP; `final=denoise`), NFE counted exactly "
             "(a Heun step costs 2; the budget is rounded down where a sampler cannot meet it). "
             "Seeds vary the prior noise and the test draw (one trained model each).", "",
             "## The one-step check", "",
