@@ -7,7 +7,7 @@ Test modules import the plain builders (``from conftest import exact_mixture``):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import pytest
 import torch
@@ -37,6 +37,20 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+def make_loss_nan(monkeypatch: pytest.MonkeyPatch, objective: type) -> Callable:
+    """Patch ``objective.loss`` so that every loss it returns is NaN (a run that diverges at its
+    next step); returns the original ``loss``, to put back with ``monkeypatch.setattr``."""
+    original = objective.loss
+
+    def poisoned(self, x, cond=None):
+        out = original(self, x, cond)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(objective, "loss", poisoned)
+    return original
 
 
 def exact_mixture(dim: int, weights: Sequence[float], *, seed: int = 0, spread: float, cov_scale: float,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from flowkit.checkpoint import (last_good_checkpoint, latest_checkpoint, load_ch
 from flowkit.cli import main
 from flowkit.dopri5 import StepPlan, dopri5
 from flowkit.objectives.ffjord import FFJORD
+
+from conftest import make_loss_nan
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
 
@@ -56,6 +59,16 @@ def _nfe(run: Path) -> list[float]:
 
 def _plan_of(times, steps) -> torch.Tensor:
     return StepPlan(tuple(times), tuple(steps)).to_tensor()
+
+
+def _resume_with_solver(tmp_path: Path, solver, steps: int = 3) -> tuple[int, Path]:
+    run = tmp_path / "r"
+    _train(run, 2)
+    state = read_checkpoint(latest_checkpoint(run))
+    state["solver"] = solver
+    save_checkpoint(run, state["step"], state)
+    code = main(["train", str(FFJ), *SMALL, f"train.steps={steps}", "--out", str(run), "--resume", "--no-progress"])
+    return code, run
 
 
 # ======================================================================= (a) FFJORD warm start
@@ -231,14 +244,7 @@ def test_a_nan_step_with_a_plan_exits_3_and_leaves_the_checkpoint_and_its_plan_i
     run = tmp_path / "nan"
     _train(run, 2)
     before = load_checkpoint(run)
-    original = FFJORD.loss
-
-    def poisoned(self, x, cond=None):
-        out = original(self, x, cond)
-        out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(FFJORD, "loss", poisoned)
+    original = make_loss_nan(monkeypatch, FFJORD)
     assert main(["train", str(FFJ), *SMALL, "train.steps=4", "--out", str(run), "--resume", "--no-progress"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err) and err[-1].startswith("flowkit train: training diverged at step 3")
@@ -258,12 +264,7 @@ def test_a_nan_step_with_a_plan_exits_3_and_leaves_the_checkpoint_and_its_plan_i
 def test_a_malformed_plan_in_a_checkpoint_is_never_a_traceback(tmp_path, capsys, solver):
     """A damaged plan is dropped (the resume starts that block cold: exit 0) or refused in one
     line (exit 2); never a traceback."""
-    run = tmp_path / "r"
-    _train(run, 2)
-    state = read_checkpoint(latest_checkpoint(run))
-    state["solver"] = solver
-    save_checkpoint(run, state["step"], state)
-    code = main(["train", str(FFJ), *SMALL, "train.steps=3", "--out", str(run), "--resume", "--no-progress"])
+    code, run = _resume_with_solver(tmp_path, solver)
     err = capsys.readouterr().err
     assert code in (0, 2) and "Traceback" not in err, err
     if code == 0:
@@ -479,3 +480,126 @@ def test_predictor_corrector_on_a_declared_non_uniform_grid_samples_the_data_var
     var = res.x.var(0)
     # Tweedie's E[x0 | x_t0] shrinks by a negligible amount at t0 = 1e-5
     assert torch.allclose(var, torch.full((2,), s2, dtype=F64), rtol=0.08), var
+
+
+# ============================== (f) attacks that failed before their fixes (damaged plans, output paths, HF)
+# ------------------------------------------------------------------ F1/F2: traceback on resume
+@pytest.mark.parametrize("solver", [torch.zeros(3, 3), None, {"step_plan.0": torch.zeros(0, 3)}],
+                         ids=["a-tensor", "None", "empty-plan"])
+def test_a_corrupted_solver_state_does_not_crash_the_resume_with_a_traceback(tmp_path, solver):
+    """Before the fix: AttributeError ('Tensor'/'NoneType' has no attribute 'items') or IndexError (an empty
+    plan tensor) escapes Trainer.load_state_dict and main() -> traceback, exit 1. Expected: the
+    plan only proposes step sizes, so an unusable one is dropped (cold start, exit 0) -- or at
+    worst a one-line exit 2."""
+    code, run = _resume_with_solver(tmp_path, solver)
+    assert code == 0 and load_checkpoint(run)["step"] == 3
+
+
+# --------------------------------------------- F3: a zero proposal: "training diverged", forever
+def test_a_plan_with_a_zero_step_is_not_reported_as_divergence(tmp_path, capsys):
+    """Before the fix: exit 3 'training diverged at step 3: the ODE solver failed (underflow in dt 0.0)',
+    and the 'last good checkpoint' it points at holds the same plan, so --resume fails again
+    forever. Expected: a plan proposing a step that cannot advance is not used."""
+    zero_step = _plan_of((0.0, 1.0), ((0.0, 0.5, 0.0), (0.5, 1.0, math.inf)))
+    code, run = _resume_with_solver(tmp_path, {"step_plan.0": zero_step})
+    assert code == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- F4: a tiny proposal hangs
+def test_a_plan_with_a_vanishing_step_does_not_hang_the_solver():
+    """Before the fix: first step 1e-300 from t = 0, then every step capped at 1e-300 (t + 1e-300 != t near
+    0, so the underflow check never fires): 5e299 steps, a hang (stopped here after 5 s).
+    Expected: such a plan is not used (the cold solve, 14 evaluations)."""
+    f = lambda t, x: -x  # noqa: E731
+
+    def stop(*_):
+        raise TimeoutError("dopri5 with the plan ran for 5 s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(5)
+    try:
+        plan = StepPlan.from_tensor(_plan_of((0.0, 1.0), ((0.0, 0.5, 1e-300), (0.5, 1.0, math.inf))))
+        sol = dopri5(f, torch.ones(2, 1, dtype=F64), [0.0, 1.0], plan=plan)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert abs(sol.ys[-1, 0, 0].item() - math.exp(-1)) < 1e-4
+
+
+# ------------------------------------------- F5: a negative proposal steps outside [t0, t1]
+def test_a_plan_never_makes_the_solver_evaluate_the_field_outside_the_interval():
+    """The module docstring: 'a field defined only on [t0, t1] is never evaluated past it'. Before the fix:
+    a plan proposing -0.3 over [0, 0.5) steps from 0 to -0.3 (accepted), back into [0, 0.5),
+    where the cap sends it back again: evaluations before t0, and a solve that never ends."""
+    seen = []
+
+    def f(t, x):
+        seen.append(float(t))
+        if len(seen) > 10_000:  # before the fix it also never ended (steps back at every visit of [0, 0.5))
+            raise RuntimeError(f"10,000 evaluations, times from {min(seen)} to {max(seen)}")
+        return -x
+
+    plan = StepPlan.from_tensor(_plan_of((0.0, 1.0), ((0.0, 0.5, -0.3), (0.5, 1.0, math.inf))))
+    dopri5(f, torch.ones(2, 1, dtype=F64), [0.0, 1.0], plan=plan)
+    assert min(seen) >= 0.0 and max(seen) <= 1.0, (min(seen), max(seen))
+
+
+# ------------------------------------------- F6: nll --save-points over the run's own checkpoint
+def test_save_points_never_overwrites_the_runs_checkpoint(cfm_run, tmp_path, capsys):
+    """Run directories are never overwritten (README: --resume / a new --out / --overwrite). Before the fix,
+    `flowkit nll RUN --save-points RUN/checkpoints/step_0000002.pt` (a .pt: accepted) replaces
+    the run's only checkpoint with the points: the run is gone ('no intact checkpoint')."""
+    import shutil
+
+    run = tmp_path / "run"  # a copy: the module's run stays intact for the other tests
+    shutil.copytree(cfm_run, run)
+    ckpt = latest_checkpoint(run)
+    before = ckpt.read_bytes()
+    code = main(["nll", str(run), "--n", "4", "--batch-size", "4", "--save-points", str(ckpt)])
+    err = capsys.readouterr().err
+    assert ckpt.read_bytes() == before, "the checkpoint was overwritten by the points"
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--save-points" in err
+
+
+# ---------------------------- F7: sample --out x.png checks x.png up front, not x.npy it also writes
+def test_the_npy_that_sample_png_also_writes_is_checked_before_any_work(cfm_run, tmp_path, monkeypatch, capsys):
+    """`sample --out s.png` also writes s.npy. Before the fix only s.png was checked up front: with s.npy a
+    directory the model is loaded and sampled, s.png written, then the .npy write fails (exit 2
+    after the work, a half output left). Expected: refused before loading, nothing written."""
+    (tmp_path / "s.npy").mkdir()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the output files were checked")
+
+    monkeypatch.setattr(flowkit, "load_run", forbidden)
+    assert main(["sample", str(cfm_run), "--n", "3", "--out", str(tmp_path / "s.png")]) == 2
+    assert "s.npy" in capsys.readouterr().err
+    assert not (tmp_path / "s.png").exists()
+
+
+# ------------------------------------------------------ F8: --out=~/x.npy makes a directory "~"
+def test_a_tilde_path_is_the_home_directory_not_a_directory_named_tilde(cfm_run, tmp_path, monkeypatch):
+    """`--out=~/s.npy` is not expanded by the shell (bash expands ~ only at a word's start or in an
+    assignment); flowkit then makes ./~/s.npy. Expected: ~ is the home directory (expanduser)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert main(["sample", str(cfm_run), "--n", "3", "--out=~/s.npy"]) == 0
+    assert (home / "s.npy").is_file() and not (cwd / "~").exists()
+
+
+# ------------------------------------ F9: sharded HF parquet loses the ClassLabel names (pre-existing)
+def test_sharded_hf_parquet_keeps_its_class_names(tmp_path):
+    """A hub snapshot with two train shards: data/train-0000{0,1}-of-00002.parquet whose schema
+    names 3 classes, of which the training rows use 2. One shard: num_classes 3 (from the names);
+    two shards: `_concat` drops `class_names`, num_classes = max label + 1 = 2, and a model
+    built for 2 classes cannot take label 2 that the dataset card declares."""
+    names = ["cat", "dog", "bird"]
+    for i, labels in enumerate(([0, 1, 0], [1, 0, 1])):
+        _hf_image_parquet(tmp_path / f"data/train-0000{i}-of-00002.parquet", labels, names)
+    _hf_image_parquet(tmp_path / "data/test-00000-of-00001.parquet", [0, 1], names)
+    from flowkit.data_real import HFDataset
+
+    assert HFDataset(str(tmp_path), label_column="label").num_classes == 3

@@ -13,6 +13,8 @@ from flowkit.checkpoint import latest_checkpoint, load_checkpoint
 from flowkit.cli import main
 from flowkit.likelihood import flow_log_likelihood
 
+from conftest import make_loss_nan
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.log_every=5", "train.checkpoint_every=0", "train.sample_every=0"]
 
@@ -97,14 +99,7 @@ def test_nan_loss_stops_cleanly_and_keeps_last_checkpoint(tmp_path, monkeypatch)
     kept = latest_checkpoint(run)
     from flowkit.objectives.ffjord import FFJORD
 
-    original = FFJORD.loss
-
-    def poisoned(self, x, cond=None):
-        out = original(self, x, cond)
-        out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(FFJORD, "loss", poisoned)
+    make_loss_nan(monkeypatch, FFJORD)
     with pytest.raises(flowkit.TrainingDiverged, match="step 4"):
         flowkit.train({}, run, overrides=["train.steps=6"], resume=True, progress=False, log=lambda m: None)
     assert latest_checkpoint(run) == kept and load_checkpoint(run)["step"] == 3
