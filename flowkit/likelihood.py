@@ -205,7 +205,7 @@ class AugmentedDynamics(nn.Module):
             return self.velocity(tt, y, cond if reps == 1 else cond.repeat(reps, *([1] * (cond.dim() - 1))))
 
         # the declared fast paths take the rows' times and condition as they are (no copies of the rows)
-        paths = bind(self.velocity, cond) if self.paths.names else self.paths
+        paths = bind(self.velocity, cond) if self.paths.names and cond is not None else self.paths
         out = divergence(field, t, x, estimator=self.estimator, probe=probe, differentiate=self.differentiate,
                          fd_step=self.fd_step, paths=paths, strategy=self._strategy_now(x))
         if tuple(out.dx.shape) != tuple(x.shape):
